@@ -1,0 +1,416 @@
+"""A decoder-only transformer of the Llama / Qwen2 family, written out by hand, with a preallocated KV cache.
+
+One class (`Transformer`) covers Llama-style checkpoints (SmolLM2, TinyLlama, Llama 3) and Qwen2 (q/k/v bias):
+RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP, pre-norm residual blocks,
+a final RMSNorm and a tied or untied output embedding. Parameter names equal the Hugging Face ones
+(`model.layers.0.self_attn.q_proj.weight`, ...), so a checkpoint loads by name and saves back unchanged.
+
+Positions come from the attention mask (`cumsum(mask) - 1`), so a left-padded row gives exactly the logits of the
+same row run alone. The RL stage depends on that (PPO's ratio must be 1 before the first update).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minicai import MinicaiError
+
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    """The shape of the network, read from (and written back to) a Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias: True for Qwen2
+    max_position_embeddings: int = 2048
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back on save
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a HF config dict (hub style or transformers-5 style, where rope_theta sits in rope_parameters)."""
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        if model_type not in SUPPORTED_ARCHITECTURES or any(a not in SUPPORTED_ARCHITECTURES.values() for a in archs):
+            supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+            raise MinicaiError(
+                f"{source}: unsupported model_type={model_type!r} architectures={archs!r}; "
+                f"minicai supports {supported}. Use a Llama- or Qwen2-family checkpoint."
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise MinicaiError(f"{source}: missing required key {key!r}; the file is not a complete HF config.")
+        rope = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
+        if hf.get("rope_scaling") or rope_type not in ("default", None):
+            raise MinicaiError(f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE).")
+        known = {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rope_theta", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
+            "attention_bias", "max_position_embeddings", "model_type", "bos_token_id", "eos_token_id", "pad_token_id",
+            "architectures", "rope_scaling",
+        }
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            model_type=model_type,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            extra={k: v for k, v in hf.items() if k not in known},
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' AutoModelForCausalLM reads back as the same network."""
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[SUPPORTED_ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            hidden_act="silu",
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.model_type == "llama":
+            hf["attention_bias"] = self.attention_bias
+            hf["mlp_bias"] = False
+        return hf
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A tiny Llama-style config for tests: 2 layers, GQA (4 query heads, 2 KV heads), vocab 128."""
+    cfg = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+        max_position_embeddings=256, model_type="llama", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32) if dtype != torch.float64 else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for rotary embeddings at the given positions [B, T] -> two [B, 1, T, head_dim] tensors.
+
+    Frequencies theta^(-2i/d) for i < d/2, each used twice (the "rotate half" layout of HF Llama checkpoints).
+    Angles are computed in float32 (float64 for float64 models) and cast to the model dtype afterwards."""
+    calc = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=calc) / head_dim))
+    angles = positions.to(calc)[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [B, T, head_dim]
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of each head by the position's angle. x: [B, H, T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated key/value buffers for every layer: [B, n_kv_heads, max_len, head_dim] each (gpt-fast style).
+
+    `length` is how many positions are filled; `key_mask` [B, max_len] says which of them are real tokens (0 for
+    left padding and for the pad tokens fed to rows that have already stopped)."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        # Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v bias only.
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None = None, layer: int = 0):
+        # x: [B, T, D]; attn_mask: bool [B, 1, T, S] (True = may attend), S = T without cache, cache length with it
+        B, T, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
+            start = cache.length
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k = cache.k[layer][:, :, : start + T]
+            v = cache.v[layer][:, :, : start + T]
+        if c.num_kv_heads != c.num_heads:  # grouped-query attention: each KV head serves a group of query heads
+            groups = c.num_heads // c.num_kv_heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale 1/sqrt(head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The causal language model. `forward(ids, mask)` -> logits; `hidden_states` feeds the preference model's head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model["embed_tokens"].weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    # ---- the forward pass -------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """input_ids [B, T] (attention_mask [B, T], 1 = real token, 0 = padding) -> final-norm hidden [B, T, D].
+
+        Without a cache: positions = cumsum(mask) - 1, causal attention restricted to real keys.
+        With a cache: the T new tokens continue the cached sequence; `attention_mask` then covers only them."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+        new_mask = attention_mask.bool()
+        if cache is None:
+            key_mask = new_mask  # [B, S=T]
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            start = cache.length
+            cache.key_mask[:, start : start + T] = new_mask
+            key_mask = cache.key_mask[:, : start + T]
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        S = key_mask.shape[1]
+        offset = S - T
+        q_idx = torch.arange(T, device=input_ids.device)[:, None] + offset
+        k_idx = torch.arange(S, device=input_ids.device)[None, :]
+        causal = k_idx <= q_idx  # [T, S]
+        allowed = causal[None] & key_mask[:, None, :]  # [B, T, S]
+        # A padding query would see no key at all (NaN softmax); let it see itself. Its output is never used.
+        allowed = allowed | (k_idx == q_idx)[None]
+        attn_mask = allowed[:, None]  # [B, 1, T, S]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
+        x = self.model["embed_tokens"](input_ids)
+        for i, block in enumerate(self.model["layers"]):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.model["norm"](x)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids [B, T] -> logits [B, T, V] in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    # ---- loading and saving -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "Transformer":
+        """Load a HF-layout directory (config.json + model.safetensors or a sharded index). Strict on tensor names."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_dir():
+            raise MinicaiError(f"{path}: model directory not found. Pass --model DIR with a HF-layout model "
+                               "(config.json, model.safetensors, tokenizer.json), or omit it for the default model.")
+        config = load_config(path)
+        files = _safetensors_files(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        tensors = {}
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints store the head too; the embedding is the one used
+                    if name not in expected:
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise MinicaiError(f"{file}: unexpected tensor {name!r} for a {config.model_type} model "
+                                           f"with {config.num_layers} layers (is config.json from the same model?)")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != tuple(expected[name].shape):
+                        raise MinicaiError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
+                                           f"{tuple(expected[name].shape)}")
+                    tensors[name] = t.to(dtype)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise MinicaiError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{more} in the safetensors file(s)")
+        model = model.to_empty(device=device).to(dtype)
+        model.load_state_dict(tensors, strict=not config.tie_word_embeddings)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model["embed_tokens"].weight
+        return model.eval()
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors (HF layout), atomically, loadable by transformers unchanged."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        hf = self.config.to_hf()
+        hf["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+        tmp = path / f".model.safetensors.tmp{os.getpid()}"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path / "model.safetensors")
+        stale_index = path / "model.safetensors.index.json"
+        if stale_index.exists():
+            stale_index.unlink()
+
+
+def load_config(path) -> ModelConfig:
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise MinicaiError(f"{file}: not found; a model directory needs config.json (HF layout).")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise MinicaiError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return ModelConfig.from_hf(hf, source=str(file))
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    raise MinicaiError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                       "weights are read; convert .bin checkpoints with transformers' save_pretrained).")
+
+
+def atomic_write_text(file: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
+    file = Path(file)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, file)
+
+
+def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A randomly initialised model (normal(0, 0.02) weights, unit norms) for tests and tiny experiments."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.to(dtype).eval()

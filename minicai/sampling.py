@@ -1,0 +1,115 @@
+"""Batched sampling with a KV cache: the one way every stage draws text from a model.
+
+`generate` left-pads the prompts, runs them through the model once (prefill), then decodes one token per step
+from the preallocated cache. It returns the new tokens, a mask of which are real, and the log-probability of each
+sampled token under the distribution it was drawn from (PPO's "old" log-probs, paper section 4 / Schulman 2017).
+Same seed, same prompts, same model -> the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, N] long: new tokens only; pad_id after a row has stopped
+    mask: torch.Tensor  # [B, N] long: 1 on real generated tokens (the stop token included), 0 after
+    logprobs: torch.Tensor  # [B, N] float32: log-prob of each sampled token under the sampling distribution
+    finished: torch.Tensor  # [B] bool: True if the row ended on a stop id, False if it hit max_new_tokens
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, P], mask [B, P]), padded on the left so every prompt ends at the last column."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs a non-empty list of non-empty prompts")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling distribution's logits [B, V]: divided by the temperature, then top-k and nucleus (top-p) cuts
+    (removed tokens get -inf). temperature 0 means greedy and leaves the logits untempered."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above this one
+        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids=(),
+    pad_id: int = 0,
+    seed: int | None = None,
+) -> Generation:
+    """Sample up to max_new_tokens for each prompt (token id lists). Greedy when temperature == 0.
+
+    A row stops after emitting any id in stop_ids (that token is kept, mask 1); the loop ends when all rows stopped.
+    log-probs are those of the (tempered, filtered) distribution each token was drawn from; for greedy decoding
+    they are the plain log-softmax of the logits."""
+    device = model.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+    cache = model.new_cache(B, P + max_new_tokens)
+    hidden = model.hidden_states(ids, mask, cache=cache)[:, -1]  # prefill; only the last position is needed
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+
+    for t in range(max_new_tokens):
+        logits = filter_logits(model.lm_head(hidden), temperature, top_k, top_p)  # [B, V] float32
+        logp = logits.log_softmax(-1)
+        if temperature == 0:
+            next_tok = logits.argmax(-1)
+        else:
+            next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tokens[:, t] = torch.where(alive, next_tok, pad_id)
+        logprobs[:, t] = torch.where(alive, logp.gather(-1, next_tok[:, None]).squeeze(-1), 0.0)
+        out_mask[:, t] = alive.long()
+        if len(stop):
+            hit = alive & torch.isin(next_tok, stop)
+            finished |= hit
+            alive &= ~hit
+        if not alive.any() or t == max_new_tokens - 1:
+            break
+        hidden = model.hidden_states(tokens[:, t : t + 1], alive[:, None].long(), cache=cache)[:, -1]
+
+    n = int(out_mask.sum(1).max().item()) if out_mask.any() else 0
+    return Generation(tokens[:, :n], out_mask[:, :n], logprobs[:, :n], finished)
+
+
+def response_ids(gen: Generation, i: int, stop_ids=()) -> list[int]:
+    """Row i's generated token ids, without padding and without a final stop token."""
+    ids = gen.tokens[i][gen.mask[i].bool()].tolist()
+    if ids and gen.finished[i] and (not stop_ids or ids[-1] in set(stop_ids)):
+        ids = ids[:-1]
+    return ids
