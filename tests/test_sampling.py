@@ -1,0 +1,93 @@
+"""The sampler: greedy decoding equals transformers', seeds reproduce, stops are honoured, log-probs are exact."""
+
+import pytest
+import torch
+
+from minicai.model import Transformer, random_model, tiny_config
+from minicai.sampling import filter_logits, generate, left_pad, response_ids
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23]]
+
+
+def peaky_model(dtype=torch.float32):
+    """Random weights scaled up, so the logits have clear winners and greedy paths are well defined."""
+    model = random_model(tiny_config(vocab_size=97), seed=4, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(25)
+    return model
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    model = peaky_model()
+    model.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    gen = generate(model, PROMPTS, max_new_tokens=20, temperature=0, pad_id=0)
+    for i, prompt in enumerate(PROMPTS):
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+        assert gen.tokens[i].tolist() == out[0, len(prompt):].tolist()
+
+
+def test_same_seed_same_output_different_seed_different():
+    model = random_model(tiny_config(vocab_size=97), seed=5)
+    a = generate(model, PROMPTS, 16, temperature=1.0, seed=7)
+    b = generate(model, PROMPTS, 16, temperature=1.0, seed=7)
+    c = generate(model, PROMPTS, 16, temperature=1.0, seed=8)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 10, 1.0), (1.0, 0, 0.9)])
+def test_logprobs_equal_a_reforward_of_the_full_sequence(temperature, top_k, top_p):
+    model = random_model(tiny_config(vocab_size=97), seed=6, dtype=torch.float64)
+    gen = generate(model, PROMPTS, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
+    for i, prompt in enumerate(PROMPTS):
+        new = gen.tokens[i][gen.mask[i].bool()]
+        full = torch.tensor([prompt + new.tolist()])
+        with torch.no_grad():
+            logits = model(full)[0, len(prompt) - 1 : -1]
+        logp = filter_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+        expected = logp.gather(-1, new[:, None]).squeeze(-1)
+        assert torch.allclose(gen.logprobs[i][: len(new)], expected.float(), atol=1e-5)
+        assert torch.isfinite(gen.logprobs[i]).all()
+
+
+def test_stop_ids_end_rows_and_are_kept_in_the_mask():
+    model = peaky_model()
+    free = generate(model, PROMPTS, 12, temperature=0)
+    stop = free.tokens[0, 3].item()  # row 0 emits this token at step 3 (maybe earlier too)
+    gen = generate(model, PROMPTS, 12, temperature=0, stop_ids=[stop], pad_id=0)
+    for i in range(len(PROMPTS)):
+        row = free.tokens[i].tolist()
+        n = row.index(stop) + 1 if stop in row else len(row)
+        assert gen.mask[i].sum().item() == n
+        assert gen.tokens[i, :n].tolist() == row[:n]
+        assert (gen.tokens[i, n:] == 0).all() and (gen.logprobs[i, n:] == 0).all()
+        assert bool(gen.finished[i]) == (stop in row)
+        assert response_ids(gen, i, [stop]) == row[: n - 1 if stop in row else n]
+
+
+def test_batch_equals_each_prompt_alone():
+    model = random_model(tiny_config(vocab_size=97), seed=9, dtype=torch.float64)
+    batch = generate(model, PROMPTS, 10, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], 10, temperature=0)
+        assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
+        assert torch.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-6)
+
+
+def test_top_k_and_top_p_cut_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 1.0, top_k=2)[0, 2:]).all()
+    kept = torch.isfinite(filter_logits(logits, 1.0, top_p=0.8)[0])
+    assert kept.tolist() == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert torch.isfinite(filter_logits(logits, 1.0, top_p=0.1)[0]).tolist() == [True, False, False, False]
+
+
+def test_left_pad_rejects_empty_prompts():
+    with pytest.raises(ValueError):
+        left_pad([[1, 2], []], pad_id=0)
