@@ -207,11 +207,14 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start : start + T] = v
             k = cache.k[layer][:, :, : start + T]
             v = cache.v[layer][:, :, : start + T]
-        if c.num_kv_heads != c.num_heads:  # grouped-query attention: each KV head serves a group of query heads
-            groups = c.num_heads // c.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale 1/sqrt(head_dim)
+        # Grouped-query attention: query head h reads KV head h // groups. Rather than copying K and V `groups`
+        # times, fold each group's queries into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh].
+        groups = c.num_heads // c.num_kv_heads
+        S = k.shape[2]
+        q = q.reshape(B, c.num_kv_heads, groups * T, c.head_dim)
+        mask = attn_mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(head_dim)
+        y = y.view(B, c.num_heads, T, c.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
 
 
