@@ -1,0 +1,363 @@
+"""The math of Constitutional AI training as pure functions over tensors (the project's test oracle).
+
+Covers the three stages of Bai et al. 2022 (arXiv 2212.08073): supervised learning on revisions (SL-CAI, sec. 3),
+the preference model trained on AI feedback (sec. 4.1), and RL from AI feedback with PPO (sec. 4; PPO of
+Schulman et al. 2017, arXiv 1707.06347; the KL-penalised reward of Ziegler et al. 2019, arXiv 1909.08593).
+
+Conventions
+- Masks are 0/1 (bool, int or float) with the shape of the tensor they select from; 1 = a real token that counts.
+  Values outside the mask never leak into a result, even when they are inf or nan.
+- Every function keeps float64 inputs in float64, so it can check other code exactly. Log-probabilities and
+  entropies are computed in at least float32, whatever the logits' dtype.
+- "Masked mean" is a mean over all selected elements of the batch (token-weighted), not a mean of row means.
+- Nothing here detaches: callers detach whatever should act as a constant (old log-probs, rewards, advantages).
+- Bad arguments (mismatched shapes, unknown estimator names) raise ValueError; these are programming errors.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+KL_KINDS = ("k1", "abs", "k2", "k3")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked reductions
+
+
+def _check_shapes(**tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"shape mismatch: {shapes}; pass tensors of one shape (masks match the values they select)")
+
+
+def _float_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """The 0/1 mask in the dtype of `like` (bool/int masks become 0.0/1.0)."""
+    return mask.to(dtype=like.dtype, device=like.device)
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of x where mask == 1 (over all elements, or along `dim`). Entries outside the mask are ignored entirely."""
+    picked = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return picked.sum() if dim is None else picked.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over the elements where mask == 1 (over all elements, or along `dim`).
+
+    The count is clamped to at least 1, so an empty mask (or an empty row with `dim`) gives 0 rather than nan."""
+    count = _float_mask(mask, x).expand_as(x)
+    count = count.sum() if dim is None else count.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of x over the elements where mask == 1 (a scalar over the whole batch).
+
+    unbiased=True applies Bessel's correction, n / (n - 1), as lm-human-preferences and TRL do; n = mask.sum().
+    Needs n >= 2 when unbiased (n >= 1 otherwise)."""
+    n = float(_float_mask(mask, x).expand_as(x).sum())
+    if n < (2 if unbiased else 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} selected elements, the mask selects {n:g}")
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)  # population variance: sum (x - mean)^2 / n
+    return var * (n / (n - 1)) if unbiased else var
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise x to mean 0 and (unbiased, Bessel-corrected) variance 1 over the mask: (x - mean) / sqrt(var + eps).
+
+    Used on PPO advantages (and optionally rewards). With shift_mean=False the mean is added back, so only the scale
+    changes. Entries outside the mask are set to 0."""
+    m = _float_mask(mask, x)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probabilities, supervised loss, entropy
+
+
+def _as_tensor(x: Tensor | float) -> Tensor:
+    """Tensors pass through; Python floats become float64 tensors (not torch's float32 default)."""
+    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[token] at every position: [B, T, V], [B, T] -> [B, T].
+
+    Computed in float32 (float64 stays float64). The temperature must match the one used for sampling, so that the
+    PPO ratio compares the policy against the distribution the samples came from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; greedy decoding has no log-probabilities")
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; want [B,T,V], [B,T]")
+    z = logits.to(_compute_dtype(logits)) / temperature  # [B, T, V]
+    picked = z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+def sequence_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each token given the ones before it: [B, T, V], [B, T] -> [B, T - 1].
+
+    A causal LM's logits at position t predict token t + 1, so out[:, t] = log p(input_ids[:, t + 1] | ids[:, :t + 1]).
+    The first token has no prediction."""
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
+
+
+def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """Next-token cross-entropy for SL-CAI (sec. 3): mean over the target tokens with loss_mask == 1.
+
+    loss_mask [B, T] marks *target* tokens (e.g. 1 on the assistant's revision and its end-of-turn token, 0 on the
+    prompt). Position t of the logits is scored on token t + 1, which counts iff loss_mask[:, t + 1] == 1;
+    loss_mask[:, 0] is ignored since no logit predicts the first token. The mean is over all counted tokens of the
+    batch (token-weighted); an all-zero mask gives 0."""
+    _check_shapes(input_ids=input_ids, loss_mask=loss_mask)
+    logp = sequence_logprobs(logits, input_ids)  # [B, T-1]
+    return -masked_mean(logp, loss_mask[:, 1:])
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of the entropy -sum_v p_v log p_v (nats) of softmax(logits): [B, T, V], [B, T] -> scalar.
+
+    float32 at least; tokens with probability 0 (logit -inf) contribute 0, with a finite gradient."""
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [B, T, V]
+    p = logp.exp()
+    logp = logp.masked_fill(~torch.isfinite(logp), 0.0)  # 0 * log 0 := 0 without nan gradients
+    ent = -(p * logp).sum(-1)  # [B, T]
+    return masked_mean(ent, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference model (sec. 4.1)
+
+
+def bradley_terry_loss(r_a: Tensor, r_b: Tensor, p_a: Tensor) -> Tensor:
+    """Soft-label Bradley-Terry preference-model loss (sec. 4.1), mean over the batch: [B], [B], [B] -> scalar.
+
+    -[p log sigmoid(rA - rB) + (1 - p) log sigmoid(rB - rA)], where p = P(A is better) is the feedback model's
+    normalised probability (a soft target; hard labels are p in {0, 1}). Minimised at sigmoid(rA - rB) = p."""
+    _check_shapes(r_a=r_a, r_b=r_b, p_a=p_a)
+    d = r_a - r_b
+    p = p_a.to(d.dtype)
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+
+
+def preference_accuracy(r_a: Tensor, r_b: Tensor, p_a: Tensor) -> float:
+    """Share of comparisons where the PM ranks the labelled-better answer strictly higher.
+
+    p_a > 0.5 counts as "A is better" (correct iff rA > rB), p_a < 0.5 as "B is better" (correct iff rB > rA); a tie
+    rA == rB is wrong. Records with p_a == 0.5 carry no preference and are left out. nan when none are left."""
+    _check_shapes(r_a=r_a, r_b=r_b, p_a=p_a)
+    keep = p_a != 0.5
+    if not bool(keep.any()):
+        return float("nan")
+    correct = torch.where(p_a > 0.5, r_a > r_b, r_b > r_a)
+    return float(correct[keep].double().mean())
+
+
+def choice_probability(logp_a: Tensor | float, logp_b: Tensor | float) -> Tensor:
+    """Normalised probability of option (A) from the feedback model's log-probs of "(A)" and "(B)" (sec. 4.1).
+
+    softmax over the two = exp(la) / (exp(la) + exp(lb)) = sigmoid(la - lb); the probability mass on other tokens is
+    dropped. Also accepts floats (computed in float64)."""
+    return torch.sigmoid(_as_tensor(logp_a) - _as_tensor(logp_b))
+
+
+def clamp_probability(p: Tensor | float, low: float = 0.4, high: float = 0.6) -> Tensor:
+    """Clamp feedback probabilities into [low, high]. Sec. 4.1: chain-of-thought labels are near 0 or 1, so the paper
+    clamps them to 40-60% to keep the PM's targets soft. Also accepts floats (as float64)."""
+    if not low <= high:
+        raise ValueError(f"clamp_probability needs low <= high, got low={low}, high={high}")
+    return _as_tensor(p).clamp(low, high)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RL reward with a KL penalty (sec. 4; Ziegler et al. 2019)
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the log-probs of tokens sampled from the policy.
+
+    With d = logp - ref_logp (so ref/policy = exp(-d)), following Schulman's "Approximating KL divergence" note:
+      k1  = d                          unbiased, can be negative (Ziegler et al. / lm-human-preferences use this)
+      abs = |d|
+      k2  = d^2 / 2                    biased, low variance, >= 0
+      k3  = exp(-d) - 1 + d            unbiased, >= 0  (= ref/policy - 1 - log(ref/policy))
+    Under samples from the policy E[k1] = E[k3] = KL exactly."""
+    _check_shapes(logp=logp, ref_logp=ref_logp)
+    d = logp - ref_logp
+    if kind == "k1":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.expm1(-d) + d  # expm1 keeps precision for small d
+    raise ValueError(f"unknown KL estimator {kind!r}; use one of {', '.join(KL_KINDS)}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last position with mask == 1 in each row: [B, T] -> [B] long. Every row needs a 1."""
+    m = mask.bool()
+    if not bool(m.any(dim=1).all()):
+        empty = (~m.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} have an all-zero mask; every response needs at least one real token")
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    return torch.where(m, positions, torch.zeros_like(positions)).max(dim=1).values
+
+
+def per_token_rewards(
+    score: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    beta: float,
+    kl_kind: str = "k1",
+    truncated: Tensor | None = None,
+    truncation_penalty: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The KL-penalised RL reward (sec. 4; Ziegler et al. 2019: R = r - beta * log(pi / pi_ref)) per response token.
+
+    r_t = -beta * KL_t at every response token (KL_t from kl_penalty with `kl_kind`), and the preference model's
+    score is added at the last real token (the last index with mask == 1; masks are right-padded with variable
+    lengths). Rows with truncated == True (generation hit the length limit without a stop token) get
+    score + truncation_penalty there instead; the penalty is negative, e.g. -1.
+    Shapes: score [B], logp/ref_logp/mask [B, T], truncated [B] bool. Returns (rewards [B, T], kl [B, T]), both 0
+    where mask == 0."""
+    _check_shapes(logp=logp, ref_logp=ref_logp, mask=mask)
+    if score.shape != logp.shape[:1]:
+        raise ValueError(f"score has shape {tuple(score.shape)}, want [B] = [{logp.shape[0]}]")
+    m = _float_mask(mask, logp)
+    kl = torch.where(m.bool(), kl_penalty(logp, ref_logp, kl_kind), logp.new_zeros(()))  # [B, T]
+    final = score.to(logp.dtype)  # [B]
+    if truncated is not None:
+        if truncated.shape != score.shape:
+            raise ValueError(f"truncated has shape {tuple(truncated.shape)}, want [B] = [{score.shape[0]}]")
+        final = final + truncated.to(final.dtype) * truncation_penalty
+    rewards = -beta * kl  # [B, T]
+    last = last_token_index(mask)  # [B]
+    rewards = rewards.scatter_add(1, last.unsqueeze(1), final.unsqueeze(1))
+    return rewards, kl
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017)
+
+
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438, eq. 16) over response tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, run backwards over T for the
+    whole batch at once. Rewards and values count as 0 outside the mask, and the episode ends at the last real token
+    (V and A after it are 0; a 0 inside a row would end the episode there too). returns = A + V, the value targets.
+    Shapes [B, T] in, (advantages [B, T], returns [B, T]) out, both 0 where mask == 0."""
+    _check_shapes(rewards=rewards, values=values, mask=mask)
+    dtype = torch.promote_types(rewards.dtype, values.dtype)
+    m = _float_mask(mask, rewards).to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(m.bool(), rewards.to(dtype), zero)
+    v = torch.where(m.bool(), values.to(dtype), zero)
+    B, T = r.shape
+    adv = torch.zeros_like(r)
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)  # V_{t+1}: 0 past the end and on masked slots
+    next_adv = torch.zeros(B, dtype=dtype, device=r.device)  # A_{t+1}: likewise
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * m[:, t]
+        next_value, next_adv = v[:, t], adv[:, t]
+    return adv, (adv + v) * m
+
+
+def ppo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, masked mean over tokens.
+
+    ratio = exp(logp - old_logp); loss = mean max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)), i.e. minus L^CLIP.
+    Stats (detached 0-dim tensors):
+      clipfrac   share of tokens where the clipped term is strictly larger, i.e. clipping is active and the token's
+                 gradient is 0 (the lm-human-preferences / TRL convention; a ratio outside the range whose clipped
+                 term is not the max does not count)
+      approx_kl  masked mean of (logp - old_logp)^2 / 2, the k2 estimator of KL between old and new policy
+      ratio_mean masked mean of the ratio"""
+    _check_shapes(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio * log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (as in OpenAI baselines / lm-human-preferences):
+    0.5 * masked mean of max((V - R)^2, (V_clipped - R)^2) with V_clipped = old_V + clip(V - old_V, -clip, clip).
+
+    Stats: vf_clipfrac, the share of tokens where the clipped error is strictly larger (detached 0-dim tensor)."""
+    _check_shapes(values=values, old_values=old_values, returns=returns, mask=mask)
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    err = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((err_clipped > err).to(err.dtype), mask)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL coefficient controllers (Ziegler et al. 2019)
+
+
+@dataclass
+class AdaptiveKLController:
+    """Adapts beta so the policy's KL from the reference tracks `target` (Ziegler et al. 2019's log-space proportional
+    controller, in lm-human-preferences' form): error = clip((KL - target) / target, -0.2, 0.2);
+    beta <- beta * (1 + error * n_steps / horizon), n_steps = episodes since the last update."""
+
+    init_beta: float
+    target: float
+    horizon: float
+    beta: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.target <= 0 or self.horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got target={self.target}, horizon={self.horizon}")
+        self.beta = float(self.init_beta)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """One adjustment after `n_steps` samples (episodes) with mean KL `current_kl`; returns the new beta."""
+        error = min(max((float(current_kl) - self.target) / self.target, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+@dataclass
+class FixedKLController:
+    """A constant beta; update does nothing (same interface as AdaptiveKLController)."""
+
+    beta: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.beta
