@@ -44,13 +44,26 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above this one
-        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _nucleus(logits, top_p)
     return logits
+
+
+def _nucleus(logits: torch.Tensor, top_p: float, shortlist: int = 512) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p; the rest get -inf.
+
+    Exact, but fast: the nucleus almost always lies within the top few hundred tokens, so rank only those
+    (a full sort of a 49k vocabulary per step costs more than the model at small batch); fall back to the full
+    sort for rows whose shortlist does not reach top_p."""
+    k = min(shortlist, logits.shape[-1])
+    top_logits, order = torch.topk(logits, k, dim=-1)  # sorted, descending
+    probs = top_logits.softmax(-1) * (top_logits.logsumexp(-1, keepdim=True) - logits.logsumexp(-1, keepdim=True)).exp()
+    if k < logits.shape[-1] and bool((probs.sum(-1) < top_p).any()):
+        order = torch.sort(logits, dim=-1, descending=True).indices
+        probs = logits.gather(-1, order).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above this one
+    keep_sorted = mass_before < top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 @torch.no_grad()

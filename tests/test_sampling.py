@@ -91,3 +91,16 @@ def test_top_k_and_top_p_cut_the_distribution():
 def test_left_pad_rejects_empty_prompts():
     with pytest.raises(ValueError):
         left_pad([[1, 2], []], pad_id=0)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
+def test_fast_nucleus_equals_the_full_sort(top_p, scale):
+    """The shortlist shortcut keeps exactly the tokens the textbook full-sort nucleus keeps (flat and peaky rows)."""
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(int(scale * 10))) * scale
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    keep_sorted = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    expected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    got = torch.isfinite(filter_logits(logits, 1.0, top_p=top_p))
+    assert torch.equal(got, expected)
