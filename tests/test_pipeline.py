@@ -1,0 +1,98 @@
+"""pipeline.py: every preset's flags are accepted by the stage scripts, the stages are wired to each other's
+outputs, finished stages are reused, a failing stage stops the run, and the whole pipeline runs end to end on a
+tiny random model (SL-CAI -> PM -> RL-CAI -> report) in seconds."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicai import MinicaiError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pipeline = load_script("pipeline.py")
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """The in-process evaluation applies --threads to this process; put torch's thread count back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset", sorted(pipeline.PRESETS))
+def test_every_preset_parses_in_every_stage_script(preset, tmp_path):
+    """The presets name real flags of the stage scripts (which may change: this test says when)."""
+    from minicai import compare
+
+    args = pipeline.parse_args(["--preset", preset, "--out", str(tmp_path), "--model", "m", "--threads", "1",
+                                "--dry-run"])
+    for stage in ("sl", "pm", "rl"):
+        script = load_script(pipeline.SCRIPTS[stage])
+        parsed = script.parse_args(pipeline.stage_argv(stage, args, "m", tmp_path))
+        assert parsed.out == str(tmp_path / stage) and parsed.seed == 0 and parsed.threads == 1
+    parsed = compare.build_parser().parse_args(pipeline.stage_argv("eval", args, "m", tmp_path))
+    assert parsed.out == str(tmp_path / "report")
+
+
+def test_stage_wiring(tmp_path):
+    args = pipeline.parse_args(["--out", str(tmp_path), "--seed", "3", "--device", "cpu", "--dry-run",
+                                "--rl-args", "--iterations 7"])
+    sl = pipeline.stage_argv("sl", args, "INIT", tmp_path)
+    pm = pipeline.stage_argv("pm", args, "INIT", tmp_path)
+    rl = pipeline.stage_argv("rl", args, "INIT", tmp_path)
+    ev = pipeline.stage_argv("eval", args, "INIT", tmp_path)
+    flag = lambda argv, name: argv[len(argv) - 1 - argv[::-1].index(name) + 1]  # noqa: E731  (last one wins)
+    assert flag(sl, "--model") == "INIT"
+    assert flag(pm, "--model") == "INIT" and flag(pm, "--policy") == str(tmp_path / "sl" / "model")
+    assert flag(rl, "--model") == str(tmp_path / "sl" / "model") and flag(rl, "--pm") == str(tmp_path / "pm" / "model")
+    assert flag(rl, "--iterations") == "7" and flag(rl, "--seed") == "3" and flag(rl, "--device") == "cpu"
+    assert ev[:3] == ["initial=INIT", f"sl={tmp_path / 'sl' / 'model'}", f"rl={tmp_path / 'rl' / 'model'}"]
+    assert flag(ev, "--judge") == "INIT" and flag(ev, "--out") == str(tmp_path / "report")
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(["--stages", "sl,xx"])
+
+
+def test_missing_model_and_failing_stage(tmp_path, tiny_model_dir):
+    with pytest.raises(MinicaiError, match="config.json"):
+        pipeline.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    with pytest.raises(MinicaiError, match="stage sl .* exit status 2"):
+        pipeline.main(["--tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--stages", "sl",
+                       "--sl-args", "--rounds -1"])
+
+
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "runs"
+    log = pipeline.main(["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--threads", "1"])
+    assert [s["stage"] for s in log["stages"]] == ["sl", "pm", "rl", "eval"]
+    assert all(s["status"] == "ran" for s in log["stages"])
+    for stage in ("sl", "pm"):
+        assert (out / stage / "model" / "done.json").is_file()
+    assert (out / "rl" / "model" / "config.json").is_file() and (out / "rl" / "metrics.jsonl").is_file()
+    md = (out / "report" / "report.md").read_text()
+    for heading in ("## Preference-model score", "## Pairwise judge: win rates and Elo", "## Evasiveness",
+                    "## RL-CAI training curves"):
+        assert heading in md
+    assert "| `initial` | 2 |" in md and "`rl` vs `sl`" in md
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["initial", "sl", "rl"]
+    assert report["rl"]["iterations"] == 2
+    assert json.loads((out / "pipeline.json").read_text())["preset"] == "tiny"
+
+    # a rerun reuses the finished stages instead of starting over
+    again = pipeline.main(["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--stages", "sl,pm"])
+    assert [s["status"] for s in again["stages"]] == ["reused", "reused"]
