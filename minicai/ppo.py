@@ -1,0 +1,499 @@
+"""RL-CAI (Bai et al. 2022, section 4): PPO on the preference model's score with a per-token KL penalty.
+
+One PPO iteration, as in Ziegler et al. 2019 (arXiv 1909.08593) and lm-human-preferences:
+
+1. rollout   sample a response for each prompt from the policy (left-padded prompts, KV cache), then run one
+             forward pass over prompt + response through the policy (the "old" log-probs), the frozen reference
+             (the SL-CAI model) and the value model, and score each response with the preference model.
+2. advantages  r_t = -beta * KL_t on every response token, plus the PM score on the last one (losses.per_token_rewards);
+             GAE over the value model's estimates (losses.gae); advantages whitened over the batch.
+3. ppo_step  a few epochs of minibatch updates: the clipped surrogate for the policy (losses.ppo_policy_loss), the
+             clipped value loss for the value model (losses.ppo_value_loss), each with its own AdamW and its own
+             gradient-norm clip. Then the KL controller adapts beta from the batch's KL.
+
+Layout of every forward pass: `[pad.. prompt | response ..pad]`, i.e. the left-padded prompt block [B, P] followed by
+the right-padded response block [B, N]; the model takes positions from the mask, so padding changes nothing. The
+hidden state at column P-1+t predicts response token t and is also where the value V(s_t) is read.
+
+Correctness checks that run every iteration (and are logged):
+- the old log-probs are recomputed with a forward pass; the sampler's own log-probs must agree (float32: within
+  `logprob_tol`), which proves the padding and positions of the two code paths agree;
+- the rollout's forward passes use the same row chunks as the first PPO minibatch, so before the first update the
+  ratio is exactly 1 (`ratio_first_maxdev` == 0) and, at iteration 0, where policy == reference, KL is exactly 0.
+
+Randomness: every random choice (prompt order, sampling, minibatch order) is drawn from a generator seeded with
+(seed, iteration, stream), so a run resumed from a checkpoint repeats exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from minicai import MinicaiError
+from minicai.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    masked_mean,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_logprobs,
+    whiten,
+)
+from minicai.sampling import generate, left_pad, response_ids
+
+# reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
+# of each row without its stop token. The PM's score (score_with_pm) or, in tests, a programmatic reward.
+RewardFn = Callable[[list[str], list[list[int]]], Tensor]
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of one RL-CAI run (defaults: CPU-sized, see train_rl.py --help)."""
+
+    batch_size: int = 8  # episodes (prompts) per iteration
+    max_new_tokens: int = 32  # response length limit; a response that hits it has no stop token ("truncated")
+    temperature: float = 1.0  # sampling temperature; log-probs of policy and reference use the same one
+    ppo_epochs: int = 2  # passes over each batch of rollouts
+    minibatch_size: int = 4  # rows per gradient step (also the chunk size of the rollout's forward passes)
+    policy_lr: float = 3e-5  # 1e-5 moved the 135M policy too little to see within 12 iterations of batch 8
+    value_lr: float = 3e-5
+    weight_decay: float = 0.0
+    clip_ratio: float = 0.2  # PPO epsilon (Schulman et al. 2017, eq. 7)
+    clip_value: float = 0.2  # value-function clip range around the rollout's values
+    max_grad_norm: float = 1.0  # per network (policy, value)
+    gamma: float = 1.0  # discount over response tokens
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05  # initial beta in r_t = -beta * KL_t
+    kl_target: float | None = 6.0  # target KL (nats per response) of the adaptive controller; None: fixed beta
+    kl_horizon: float = 160.0  # episodes; at batch 8, beta moves <= 1% per iteration (Ziegler: 10000 at batch 512)
+    kl_estimator: str = "k1"  # losses.kl_penalty kind: k1 (log-ratio, Ziegler et al.), abs, k2, k3
+    truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
+    logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 2:
+            problems.append(f"batch_size={self.batch_size} (need >= 2 to whiten advantages)")
+        if self.minibatch_size < 1 or self.minibatch_size > self.batch_size:
+            problems.append(f"minibatch_size={self.minibatch_size} (need 1..batch_size={self.batch_size})")
+        if self.temperature <= 0:
+            problems.append(f"temperature={self.temperature} (need > 0: PPO needs a sampling distribution)")
+        if self.max_new_tokens < 1 or self.ppo_epochs < 1:
+            problems.append("max_new_tokens and ppo_epochs must be >= 1")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
+        if problems:
+            raise MinicaiError("invalid PPO settings: " + "; ".join(problems) + ". Fix the corresponding flags.")
+
+
+def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    """Adaptive (Ziegler et al. 2019) when a target KL is set, else a fixed beta."""
+    if cfg.kl_target is None:
+        return FixedKLController(cfg.kl_coef)
+    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+
+def derive_seed(seed: int, iteration: int, stream: int) -> int:
+    """A distinct 63-bit seed for each (run seed, iteration, purpose) triple."""
+    return ((seed * 1_000_003 + iteration) * 16 + stream) % (2**63 - 1)
+
+
+STREAM_PROMPTS, STREAM_SAMPLING, STREAM_MINIBATCH, STREAM_MIX = 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def epoch_indices(n: int, count: int, iteration: int, seed: int, stream: int) -> list[int]:
+    """Indices of the `count` items that iteration `iteration` takes from a list of n, walking through a fresh random
+    permutation of the list each epoch. A pure function of its arguments (so resuming needs no sampler state)."""
+    if n < 1:
+        raise ValueError("epoch_indices needs a non-empty list")
+    out = []
+    perm, perm_epoch = None, -1
+    for k in range(iteration * count, (iteration + 1) * count):
+        epoch = k // n
+        if epoch != perm_epoch:
+            g = torch.Generator().manual_seed(derive_seed(seed, epoch, stream))
+            perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
+        out.append(perm[k % n])
+    return out
+
+
+def mixed_prompt_batch(
+    red_team: list, helpful: list, batch_size: int, red_team_fraction: float, iteration: int, seed: int
+) -> list[tuple[str, object]]:
+    """This iteration's prompts: round(fraction * batch) red-team prompts and the rest helpfulness prompts (the paper's
+    RL-CAI mixes both, section 4.1), shuffled together. Returns [("red_team" | "helpful", item), ...]."""
+    if not red_team and not helpful:
+        raise MinicaiError("no prompts: both the red-team and the helpfulness prompt lists are empty")
+    n_red = batch_size if not helpful else 0 if not red_team else round(red_team_fraction * batch_size)
+    batch = []
+    if n_red:
+        batch += [("red_team", red_team[i]) for i in epoch_indices(len(red_team), n_red, iteration, seed, 10)]
+    n_help = batch_size - n_red
+    if n_help:
+        batch += [("helpful", helpful[i]) for i in epoch_indices(len(helpful), n_help, iteration, seed, 11)]
+    g = torch.Generator().manual_seed(derive_seed(seed, iteration, STREAM_MIX))
+    return [batch[i] for i in torch.randperm(len(batch), generator=g).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward passes over [prompt | response]
+
+
+def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs of the response tokens under `model` and the logits that produced them.
+
+    ids/mask [B, P + N] (left-padded prompt block of width P, then the response block). Only the hidden states at
+    columns P-1 .. P+N-1 go through the LM head (they predict the response; prompt logits are never needed).
+    Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""
+    hidden = model.hidden_states(ids, mask)[:, prompt_width - 1 :]  # [B, N+1, D]
+    logits = model.lm_head(hidden)  # [B, N+1, V]
+    logp = sequence_logprobs(logits, ids[:, prompt_width - 1 :], temperature)  # [B, N]: column t scores response t
+    return logp, logits[:, :-1]
+
+
+def response_values(value_model, ids: Tensor, mask: Tensor, prompt_width: int) -> Tensor:
+    """V(s_t) for each response token t, read at column P-1+t (the state before token t): [B, P+N] -> [B, N] float32."""
+    return value_model.values(ids, mask)[:, prompt_width - 1 : -1].float()
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes and everything PPO needs about them. B rows, prompt width P, response width N."""
+
+    prompts: list[str]  # the user turns (what the PM sees as the human's message)
+    query_ids: Tensor  # [B, P] rendered prompts, left-padded
+    query_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B, N] sampled tokens (stop token included), right-padded
+    response_mask: Tensor  # [B, N] 1 on real response tokens
+    finished: Tensor  # [B] bool: the response ended with a stop token
+    responses: list[list[int]]  # each row's response tokens without the stop token (what the PM scores)
+    sample_logprobs: Tensor  # [B, N] the sampler's log-probs (cross-check only)
+    logprobs: Tensor  # [B, N] "old" log-probs: forward pass of the policy before the update
+    ref_logprobs: Tensor  # [B, N] frozen reference (SL-CAI) log-probs
+    values: Tensor  # [B, N] value model's V(s_t) before the update
+    scores: Tensor  # [B] reward_fn's score (the PM's)
+    beta: float = float("nan")  # KL coefficient used for the rewards below
+    kl: Tensor | None = None  # [B, N] per-token KL estimate (0 on padding)
+    rewards: Tensor | None = None  # [B, N] -beta * KL_t, plus the score at the last token
+    advantages: Tensor | None = None  # [B, N] GAE, whitened
+    returns: Tensor | None = None  # [B, N] value targets (GAE + V, unwhitened)
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)  # [B, P+N]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)  # [B, P+N]
+
+
+@torch.no_grad()
+def rollout(
+    policy,
+    ref_model,
+    value_model,
+    prompt_ids: list[list[int]],
+    prompts: list[str],
+    reward_fn: RewardFn,
+    cfg: PPOConfig,
+    stop_ids=(),
+    pad_id: int = 0,
+    seed: int = 0,
+) -> Rollout:
+    """Sample one response per prompt and gather old/reference log-probs, values and scores (experience collection).
+
+    prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row."""
+    gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
+                   pad_id=pad_id, seed=seed)
+    query_ids, query_mask = left_pad(prompt_ids, pad_id, policy.device)
+    P = query_ids.shape[1]
+    ids = torch.cat([query_ids, gen.tokens], dim=1)  # [B, P+N]
+    mask = torch.cat([query_mask, gen.mask], dim=1)
+    logp, ref_logp, values = [], [], []
+    # Chunks of minibatch_size rows starting at row 0: the first PPO minibatch sees exactly these tensors.
+    for rows in _chunks(len(prompt_ids), cfg.minibatch_size):
+        logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature)[0])
+        ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature)[0])
+        values.append(response_values(value_model, ids[rows], mask[rows], P))
+    responses = [response_ids(gen, i, stop_ids) for i in range(len(prompt_ids))]
+    scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(policy.device)
+    if scores.shape != (len(prompt_ids),):
+        raise ValueError(f"reward_fn returned shape {tuple(scores.shape)}, want [{len(prompt_ids)}]")
+    keep = gen.mask.bool()
+
+    def zero(t: Tensor) -> Tensor:  # float32 at least (float64 models stay float64); exact zeros on padding
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return Rollout(
+        prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=gen.tokens,
+        response_mask=gen.mask, finished=gen.finished, responses=responses, sample_logprobs=zero(gen.logprobs),
+        logprobs=zero(torch.cat(logp)), ref_logprobs=zero(torch.cat(ref_logp)), values=zero(torch.cat(values)),
+        scores=scores,
+    )
+
+
+def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig) -> Rollout:
+    """Fill in KL, per-token rewards, GAE advantages and returns (section 4: reward = PM score - beta * KL)."""
+    mask = ro.response_mask
+    truncated = ~ro.finished
+    ro.rewards, ro.kl = per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator,
+                                          truncated=truncated, truncation_penalty=cfg.truncation_penalty)
+    adv, ro.returns = gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
+    ro.advantages = whiten(adv, mask) if cfg.whiten_advantages else adv
+    ro.beta = float(beta)
+    return ro
+
+
+def score_with_pm(rm, rm_tokenizer, policy_tokenizer, prompts: list[str], responses: list[list[int]],
+                  batch_size: int = 8) -> Tensor:
+    """The PM's score of each (prompt, response): the response goes to the PM as text, so the PM may use another
+    tokenizer than the policy. Use as a reward_fn via functools.partial(score_with_pm, rm, rm_tok, policy_tok)."""
+    from minicai.reward import score_conversations
+
+    texts = [policy_tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    with torch.no_grad():
+        return score_conversations(rm, rm_tokenizer, prompts, texts, batch_size=batch_size).float().cpu()
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two ChatTokenizers encode and render identically (same tokenizer.json content and chat format)."""
+    return a.tokenizer.to_str() == b.tokenizer.to_str() and a.format == b.format
+
+
+def make_value_model(policy, policy_tokenizer, pm, pm_tokenizer) -> tuple[torch.nn.Module, str]:
+    """The value model V(s_t), a RewardModel whose head is read at every position (a separate network).
+
+    As in lm-human-preferences it starts as a copy of the preference model, head included, when the PM reads the
+    policy's tokens (same tokenizer): the PM already judges responses, so its head is a good first guess of the
+    return. Otherwise the PM cannot read the policy's token ids, and the value model starts from a copy of the
+    policy's trunk with a zero head (initial values 0). Returns (value model, where it came from)."""
+    from minicai.reward import RewardModel
+
+    if pm is not None and pm_tokenizer is not None and same_tokenizer(policy_tokenizer, pm_tokenizer):
+        return copy.deepcopy(pm), "copy of the preference model (same tokenizer as the policy)"
+    return (RewardModel.from_lm(copy.deepcopy(policy), head_init="zero"),
+            "policy trunk + zero head (the preference model uses another tokenizer)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO update
+
+
+def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) -> dict:
+    """cfg.ppo_epochs passes of minibatch updates over the rollout; returns mean statistics.
+
+    The first epoch takes the rows in order (row chunks equal to the rollout's forward passes, so the first minibatch
+    recomputes the old log-probs bit for bit: ratio exactly 1); later epochs shuffle. Policy and value model are
+    separate networks with separate AdamW optimisers and separate gradient-norm clips, so the two losses need no
+    weighting against each other."""
+    B, P = ro.query_ids.shape
+    ids, mask = ro.input_ids, ro.attention_mask
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    steps = 0
+    ratio_first_maxdev = float("nan")
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=g)
+        for chunk in _chunks(B, cfg.minibatch_size):
+            rows = order[chunk].to(ids.device)
+            m = ro.response_mask[rows]
+            # policy: clipped surrogate on whitened advantages
+            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature)
+            pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
+            if steps == 0:  # before any update in this iteration: must be exactly 0
+                dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
+                ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
+            policy_opt.zero_grad(set_to_none=True)
+            pg_loss.backward()
+            pg_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+            policy_opt.step()
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach().float() / cfg.temperature, m)
+            del logits
+            # value model: clipped regression onto the GAE returns
+            v = response_values(value_model, ids[rows], mask[rows], P)
+            vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
+            value_opt.zero_grad(set_to_none=True)
+            vf_loss.backward()
+            vf_norm = torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+            value_opt.step()
+            step_stats = {
+                "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
+                "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"],
+                "value_clipfrac": vf_stats["vf_clipfrac"], "entropy": entropy,
+                "policy_grad_norm": pg_norm, "value_grad_norm": vf_norm,
+            }
+            for k, v_ in step_stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v_)
+            steps += 1
+    stats = {k: v / steps for k, v in sums.items()}
+    stats["ratio_first_maxdev"] = ratio_first_maxdev
+    return stats
+
+
+def rollout_stats(ro: Rollout) -> dict:
+    """What to log about a batch of episodes (after compute_advantages)."""
+    m = ro.response_mask.float()
+    kl_sum = (ro.kl * m).sum(1)  # [B] KL per response (nats)
+    lengths = m.sum(1)
+    logp_gap = (ro.sample_logprobs - ro.logprobs).abs() * m
+    return {
+        "score": float(ro.scores.mean()),
+        "score_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
+        "kl": float(kl_sum.mean()),  # the controller's input: mean over responses of the summed per-token KL
+        "kl_per_token": float(masked_mean(ro.kl, m)),
+        "kl_max_abs": float(((ro.logprobs - ro.ref_logprobs).abs() * m).max()),  # exactly 0 while policy == ref
+        "beta": ro.beta,
+        "reward": float((ro.rewards * m).sum(1).mean()),  # total per-episode reward: score - beta * KL (+ penalty)
+        "response_length": float(lengths.mean()),
+        "no_stop_frac": float((~ro.finished).float().mean()),
+        "sampler_logprob_maxdiff": float(logp_gap.max()),
+        "value_mean": float(masked_mean(ro.values, m)),
+        "return_mean": float(masked_mean(ro.returns, m)),
+    }
+
+
+def check_sampler_logprobs(ro: Rollout, dtype: torch.dtype, tol: float) -> None:
+    """The sampler (KV cache, one token at a time) and the full forward pass must give the same log-probs; in float32
+    they agree to rounding. A gap means padding/positions differ between the two paths: a bug, not a user error."""
+    if dtype not in (torch.float32, torch.float64):
+        return
+    gap = float(((ro.sample_logprobs - ro.logprobs).abs() * ro.response_mask).max())
+    if not gap <= tol:
+        raise RuntimeError(f"sampler log-probs differ from the forward pass by {gap:.2e} > {tol:g}: padding or "
+                           f"position handling disagrees between minicai.sampling.generate and the model forward")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One iteration and the training state
+
+
+@dataclass
+class PPOState:
+    """Everything that changes during RL training (what a checkpoint stores), plus the frozen reference."""
+
+    policy: torch.nn.Module
+    ref_model: torch.nn.Module
+    value_model: torch.nn.Module
+    policy_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer
+    kl_ctl: AdaptiveKLController | FixedKLController
+    iteration: int = 0
+
+
+def init_state(policy, ref_model, value_model, cfg: PPOConfig) -> PPOState:
+    """Freeze the reference, make policy and value model trainable, create one AdamW for each."""
+    ref_model.requires_grad_(False).eval()
+    policy.requires_grad_(True)
+    value_model.requires_grad_(True)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay)
+    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg))
+
+
+def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
+                  cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
+    """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one."""
+    it = state.iteration
+    t0 = time.perf_counter()
+    ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
+                 pad_id, seed=derive_seed(seed, it, STREAM_SAMPLING))
+    check_sampler_logprobs(ro, state.policy.dtype, cfg.logprob_tol)
+    compute_advantages(ro, state.kl_ctl.beta, cfg)
+    stats = {"iteration": it, **rollout_stats(ro)}
+    t1 = time.perf_counter()
+    stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
+                          seed=derive_seed(seed, it, STREAM_MINIBATCH)))
+    state.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids))
+    stats["beta_next"] = state.kl_ctl.beta
+    stats["rollout_s"] = t1 - t0
+    stats["update_s"] = time.perf_counter() - t1
+    state.iteration = it + 1
+    return ro, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: <dir>/iter_000010/{policy/, value/, trainer_state.pt}
+
+
+def save_checkpoint(directory, state: PPOState, tokenizer=None, keep: int = 1) -> Path:
+    """Write policy (HF layout, with the tokenizer if given), value model, optimiser states, beta and iteration
+    counter into directory/iter_NNNNNN, atomically (a temporary folder renamed into place); keeps the newest `keep`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"iter_{state.iteration:06d}"
+    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state.policy.save_pretrained(tmp / "policy")
+    if tokenizer is not None:
+        tokenizer.save(tmp / "policy")
+    state.value_model.save_pretrained(tmp / "value")
+    torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta,
+                "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict()},
+               tmp / "trainer_state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(directory.glob("iter_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory) -> Path | None:
+    """The newest complete checkpoint folder in `directory`, or None."""
+    directory = Path(directory)
+    done = [p for p in directory.glob("iter_*") if (p / "trainer_state.pt").is_file()] if directory.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+
+
+def load_checkpoint(path, state: PPOState) -> PPOState:
+    """Restore a checkpoint into an existing state (the same modules and optimisers keep being used)."""
+    from minicai.model import Transformer
+    from minicai.reward import RewardModel
+
+    path = Path(path)
+    try:
+        trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MinicaiError(f"{path / 'trainer_state.pt'}: cannot be read ({e}). Fix: delete {path} to resume "
+                           "from the previous checkpoint, or start a fresh run with another --out.") from None
+    device, dtype = state.policy.device, state.policy.dtype
+    policy = Transformer.from_pretrained(path / "policy", dtype=dtype, device=device)
+    value = RewardModel.from_pretrained(path / "value", dtype=next(state.value_model.parameters()).dtype,
+                                        device=device)
+    with torch.no_grad():
+        state.policy.load_state_dict(policy.state_dict())
+        state.value_model.load_state_dict(value.state_dict())
+    state.policy_opt.load_state_dict(trainer["policy_opt"])
+    state.value_opt.load_state_dict(trainer["value_opt"])
+    state.kl_ctl.beta = float(trainer["beta"])
+    state.iteration = int(trainer["iteration"])
+    return state

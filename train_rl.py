@@ -1,0 +1,227 @@
+"""RL-CAI (Bai et al. 2022, section 4): reinforcement learning from AI feedback, with PPO.
+
+The SL-CAI model (train_sl.py) is both the initial policy and the frozen reference; the preference model trained on
+AI feedback (train_pm.py) gives the reward. Every iteration:
+
+  1. sample a response to each of a batch of prompts, red-team and helpfulness prompts mixed (section 4.1),
+  2. reward = PM score of the whole response - beta * KL(policy || reference) on every token (section 4 uses the
+     PM score as the reward, with the KL penalty of Ziegler et al. 2019 keeping the policy near the SL-CAI model),
+  3. a few epochs of PPO on those episodes (policy and value model), then adapt beta toward the target KL.
+
+Outputs in --out (default runs/rl): args.json, metrics.jsonl (one line per iteration), samples.jsonl (a few
+responses per iteration), checkpoints/iter_N/ (policy, value model, optimiser states, beta, iteration counter; a
+rerun resumes from the newest one) and model/ (the final policy, HF layout).
+
+    python train_rl.py                                   # runs/sl/model + runs/pm/model -> runs/rl/model
+    python train_rl.py --model default --pm /tmp/pm --iterations 2 --threads 1   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+from pathlib import Path
+
+from tqdm import tqdm
+
+from minicai import MinicaiError
+from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
+from minicai.ppo import (
+    PPOConfig,
+    init_state,
+    latest_checkpoint,
+    load_checkpoint,
+    make_value_model,
+    mixed_prompt_batch,
+    ppo_iteration,
+    save_checkpoint,
+    score_with_pm,
+)
+from minicai.reward import load_reward_model
+from minicai.run import add_common_args, cli_main, load_model_and_tokenizer, log_metrics, save_model, setup, start_run
+
+DEFAULTS = PPOConfig()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    D = " (default: %(default)s)"
+    p = argparse.ArgumentParser(
+        description="RL-CAI (paper section 4): PPO on the preference model's score with a per-token KL penalty "
+                    "against the SL-CAI model. Resumes from the newest checkpoint in --out.")
+    add_common_args(p, out_default="runs/rl")
+    p.set_defaults(model="runs/sl/model")
+    for action in p._actions:  # the policy starts from the SL-CAI model here, not from the base model
+        if action.dest == "model":
+            action.help = ("initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the "
+                           "base model" + D)
+    p.add_argument("--pm", default="runs/pm/model", help="preference model directory (train_pm.py's model/)" + D)
+
+    g = p.add_argument_group("prompts")
+    g.add_argument("--red-team-prompts", default="red_team_train",
+                   help="red-team prompts: .jsonl with 'prompt', HH-RLHF .jsonl(.gz), .txt, or a set name" + D)
+    g.add_argument("--helpful-prompts", default="helpful_train", help="helpfulness prompts, same formats" + D)
+    g.add_argument("--red-team-fraction", type=float, default=0.5,
+                   help="share of red-team prompts in each batch; the rest are helpfulness prompts" + D)
+    g.add_argument("--max-prompts", type=int, default=None, help="read at most this many prompts per file" + D)
+    g.add_argument("--max-prompt-tokens", type=int, default=160,
+                   help="skip prompts whose chat-rendered form is longer than this" + D)
+
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--iterations", type=int, default=40, help="PPO iterations (rollout + update) in total" + D)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts (episodes) per iteration" + D)
+    g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="response length limit" + D)
+    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                   help="sampling temperature; the policy's and reference's log-probs use the same one" + D)
+    g.add_argument("--pm-batch-size", type=int, default=8, help="conversations per PM forward pass" + D)
+
+    g = p.add_argument_group("PPO")
+    g.add_argument("--ppo-epochs", type=int, default=DEFAULTS.ppo_epochs, help="passes over each batch" + D)
+    g.add_argument("--minibatch-size", type=int, default=DEFAULTS.minibatch_size, help="rows per gradient step" + D)
+    g.add_argument("--policy-lr", type=float, default=DEFAULTS.policy_lr, help="AdamW learning rate, policy" + D)
+    g.add_argument("--value-lr", type=float, default=DEFAULTS.value_lr, help="AdamW learning rate, value model" + D)
+    g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay, both" + D)
+    g.add_argument("--clip-ratio", type=float, default=DEFAULTS.clip_ratio, help="PPO clip epsilon" + D)
+    g.add_argument("--clip-value", type=float, default=DEFAULTS.clip_value, help="value-function clip range" + D)
+    g.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm,
+                   help="gradient-norm clip, per network" + D)
+    g.add_argument("--gamma", type=float, default=DEFAULTS.gamma, help="discount over response tokens" + D)
+    g.add_argument("--lam", type=float, default=DEFAULTS.lam, help="GAE lambda" + D)
+    g.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, default=DEFAULTS.whiten_advantages,
+                   help="normalise advantages to mean 0, variance 1 over each batch" + D)
+
+    g = p.add_argument_group("KL penalty")
+    g.add_argument("--kl-coef", type=float, default=DEFAULTS.kl_coef, help="initial beta" + D)
+    g.add_argument("--kl-target", type=float, default=DEFAULTS.kl_target,
+                   help="target KL per response (nats) of the adaptive controller; 0 keeps beta fixed" + D)
+    g.add_argument("--kl-horizon", type=float, default=DEFAULTS.kl_horizon,
+                   help="episodes over which the adaptive controller closes the gap to the target" + D)
+    g.add_argument("--kl-estimator", default=DEFAULTS.kl_estimator, choices=["k1", "abs", "k2", "k3"],
+                   help="per-token KL estimator (k1 = log pi/pi_ref, as Ziegler et al.)" + D)
+    g.add_argument("--truncation-penalty", type=float, default=DEFAULTS.truncation_penalty,
+                   help="added to the score of responses that hit --max-new-tokens without a stop token, "
+                        "e.g. -1; 0 = off" + D)
+    g.add_argument("--logprob-tol", type=float, default=DEFAULTS.logprob_tol,
+                   help="max allowed |sampler log-prob - forward log-prob| in float32 (a consistency check)" + D)
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--save-every", type=int, default=10,
+                   help="checkpoint every N iterations and at the end (135M model: ~3 GB, optimiser states "
+                        "included; only the newest is kept)" + D)
+    g.add_argument("--samples", type=int, default=2, help="responses per iteration written to samples.jsonl" + D)
+    return p.parse_args(argv)
+
+
+def ppo_config(args) -> PPOConfig:
+    return PPOConfig(
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size, policy_lr=args.policy_lr,
+        value_lr=args.value_lr, weight_decay=args.weight_decay, clip_ratio=args.clip_ratio,
+        clip_value=args.clip_value, max_grad_norm=args.max_grad_norm, gamma=args.gamma, lam=args.lam,
+        whiten_advantages=args.whiten_advantages, kl_coef=args.kl_coef,
+        kl_target=args.kl_target if args.kl_target else None, kl_horizon=args.kl_horizon,
+        kl_estimator=args.kl_estimator, truncation_penalty=args.truncation_penalty, logprob_tol=args.logprob_tol,
+    )
+
+
+def load_prompt_set(path, tok, limit, max_tokens) -> list[tuple[str, list[int]]]:
+    """(user turn, rendered ids with the assistant generation prompt) for each prompt short enough to use."""
+    items = []
+    for text in read_prompts(path, limit=limit):
+        ids = tok.render([{"role": "user", "content": text}], add_generation_prompt=True)
+        if len(ids) <= max_tokens:
+            items.append((text, ids))
+    return items
+
+
+def keep_iterations_before(file: Path, iteration: int) -> None:
+    """On resume, drop log lines of iterations the checkpoint does not contain (they will be redone)."""
+    if file.exists():
+        records = read_jsonl(file, tolerate_partial_last=True)
+        write_jsonl(file, [r for r in records if r.get("iteration", -1) < iteration])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = setup(args)
+    cfg = ppo_config(args)
+    if args.save_every < 1 or args.iterations < 1 or not 0 <= args.red_team_fraction <= 1:
+        raise MinicaiError("--save-every and --iterations must be >= 1 and --red-team-fraction in [0, 1]")
+    out = start_run(args, args.out)
+    checkpoints = out / "checkpoints"
+    last = latest_checkpoint(checkpoints)
+    finished = last is not None and int(last.name.split("_")[1]) >= args.iterations
+    if finished and (out / "model" / "config.json").exists():
+        print(f"{out / 'model'} is finished ({last.name}); nothing to do (raise --iterations to train further)")
+        return
+
+    # The SL-CAI model is the initial policy and, frozen, the reference of the KL penalty.
+    if args.model not in (None, "default") and not Path(args.model).is_dir():
+        raise MinicaiError(f"--model {args.model}: not found. Fix: run train_sl.py first (it writes runs/sl/model), "
+                           "or pass --model DIR / --model default")
+    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, dtype)
+    ref_model = copy.deepcopy(policy)
+    # The preference model's score is the reward. It reads responses as text, in its own chat template.
+    if not Path(args.pm).is_dir():
+        raise MinicaiError(f"--pm {args.pm}: not found. Fix: run train_pm.py first (it writes runs/pm/model), "
+                           "or pass --pm DIR")
+    pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device)
+    pm.requires_grad_(False).eval()
+    value_model, value_init = make_value_model(policy, tok, pm, pm_tok)
+    state = init_state(policy, ref_model, value_model, cfg)
+    reward_fn = functools.partial(score_with_pm, pm, pm_tok, tok, batch_size=args.pm_batch_size)
+    print(f"policy and reference: {policy_dir}; preference model: {args.pm}; value model: {value_init}")
+
+    # Prompts: red-team and helpfulness prompts, mixed in every batch.
+    red = load_prompt_set(args.red_team_prompts, tok, args.max_prompts, args.max_prompt_tokens) \
+        if args.red_team_fraction > 0 else []
+    helpful = load_prompt_set(args.helpful_prompts, tok, args.max_prompts, args.max_prompt_tokens) \
+        if args.red_team_fraction < 1 else []
+    if args.red_team_fraction > 0 and not red or args.red_team_fraction < 1 and not helpful:
+        raise MinicaiError(f"no usable prompts in {args.red_team_prompts if not red else args.helpful_prompts} "
+                           f"(all longer than --max-prompt-tokens {args.max_prompt_tokens}, or the file is empty). "
+                           "Fix: pass another file, raise --max-prompt-tokens, or set --red-team-fraction 0 or 1")
+    print(f"prompts: {len(red)} red-team, {len(helpful)} helpfulness; {args.red_team_fraction:.0%} red-team per batch")
+
+    if last is not None:
+        load_checkpoint(last, state)
+        keep_iterations_before(out / "metrics.jsonl", state.iteration)
+        keep_iterations_before(out / "samples.jsonl", state.iteration)
+        print(f"resumed from {last} (iteration {state.iteration}, beta {state.kl_ctl.beta:.4g})")
+
+    bar = tqdm(range(state.iteration, args.iterations), initial=state.iteration, total=args.iterations,
+               desc="RL-CAI", dynamic_ncols=True)
+    for it in bar:
+        batch = mixed_prompt_batch(red, helpful, cfg.batch_size, args.red_team_fraction, it, args.seed)
+        prompts = [text for _, (text, _) in batch]
+        prompt_ids = [ids for _, (_, ids) in batch]
+        ro, stats = ppo_iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids,
+                                  pad_id=tok.pad_id, seed=args.seed)
+        for source in ("red_team", "helpful"):
+            rows = [i for i, (s, _) in enumerate(batch) if s == source]
+            if rows:
+                stats[f"score_{source}"] = float(ro.scores[rows].mean())
+        if it == 0:
+            exact = stats["ratio_first_maxdev"] == 0.0 and stats["kl_max_abs"] == 0.0
+            tqdm.write(f"check before the first update: max |ratio - 1| = {stats['ratio_first_maxdev']:.3g}, "
+                       f"max |log pi - log pi_ref| = {stats['kl_max_abs']:.3g}, sampler vs forward log-prob gap = "
+                       f"{stats['sampler_logprob_maxdiff']:.2g}" + ("" if exact else "  (expected exactly 0!)"))
+        log_metrics(out, stats)
+        for i in range(min(args.samples, len(batch))):
+            record = {"iteration": it, "source": batch[i][0], "prompt": prompts[i],
+                      "response": tok.decode(ro.responses[i]), "score": float(ro.scores[i]),
+                      "finished": bool(ro.finished[i])}
+            append_jsonl(out / "samples.jsonl", record)
+            tqdm.write(f"[{it}] {record['source']} ({record['score']:+.2f}) {record['prompt'][:80]!r} -> "
+                       f"{record['response'][:160]!r}")
+        bar.set_postfix(score=f"{stats['score']:+.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['beta']:.3g}",
+                        len=f"{stats['response_length']:.0f}", t=f"{stats['rollout_s']:.0f}+{stats['update_s']:.0f}s")
+        if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
+            save_checkpoint(checkpoints, state, tokenizer=tok)
+
+    save_model(state.policy, tok, out / "model")
+    print(f"policy saved to {out / 'model'}")
+
+
+if __name__ == "__main__":
+    cli_main(main)
