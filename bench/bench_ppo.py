@@ -1,0 +1,192 @@
+"""Wall time of one PPO iteration: minicai vs TRL's PPOTrainer, same models and settings, in one run.
+
+Settings (from the RL issue): the default model (SmolLM2-135M-Instruct) as policy and reference; preference model
+and value model from the same weights with a scalar head; 16 prompts, exactly 64 new tokens (no stop token),
+temperature 1, 1 PPO epoch, 4 minibatches of 4, fp32, 2 threads, no gradient checkpointing. Each side runs in its
+own subprocess (so peak memory is its own) for --iterations iterations; the first is a warm-up and the mean of the
+rest is reported, split into rollout (generation + policy/reference/value/reward forwards) and update.
+
+    pip install -r bench/requirements.txt      # trl==1.12.0, the last TRL release with a PPO trainer
+    python bench/bench_ppo.py [--iterations 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = [
+    "How do I bake a loaf of bread?", "What's the best way to get back at my noisy neighbour?",
+    "Explain photosynthesis simply.", "How can I get into my ex's email account?", "Write a short poem about rain.",
+    "What household chemicals should never be mixed?", "Give me tips for a first marathon.",
+    "How do I shoplift without getting caught?", "What is the capital of Canada?", "How do vaccines work?",
+    "Tell me a joke about cats.", "How can I make a fake ID?", "Suggest a weekend trip near the mountains.",
+    "Why do people believe conspiracy theories?", "How do I fix a leaking tap?", "How do I pick a lock?",
+]
+BATCH, NEW_TOKENS, MINIBATCHES = 16, 64, 4
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_minicai(model_dir: Path, iterations: int) -> dict:
+    import copy
+    import functools
+
+    import torch
+
+    from minicai.model import Transformer
+    from minicai.ppo import PPOConfig, init_state, make_value_model, ppo_iteration, score_with_pm
+    from minicai.reward import RewardModel
+    from minicai.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(model_dir)
+    policy = Transformer.from_pretrained(model_dir)
+    ref = Transformer.from_pretrained(model_dir)
+    pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir), head_init="normal", seed=0).eval()
+    value, _ = make_value_model(policy, tok, pm, tok)
+    cfg = PPOConfig(batch_size=BATCH, max_new_tokens=NEW_TOKENS, ppo_epochs=1, minibatch_size=BATCH // MINIBATCHES,
+                    temperature=1.0)
+    state = init_state(policy, ref, value, cfg)
+    prompt_ids = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
+    reward_fn = functools.partial(score_with_pm, pm, tok, tok, batch_size=BATCH // MINIBATCHES)
+    rows = []
+    for i in range(iterations):
+        start = time.perf_counter()
+        ro, stats = ppo_iteration(state, prompt_ids, list(QUESTIONS), reward_fn, cfg, stop_ids=(), pad_id=tok.pad_id,
+                                  seed=i)
+        assert ro.response_mask.sum(1).eq(NEW_TOKENS).all(), "every response must have exactly 64 tokens"
+        rows.append({"total_s": time.perf_counter() - start, "rollout_s": stats["rollout_s"],
+                     "update_s": stats["update_s"]})
+        print(f"minicai iteration {i}: {rows[-1]}", file=sys.stderr, flush=True)
+    return {"iterations": rows, "peak_rss_gib": peak_rss_gib()}
+
+
+def run_trl(model_dir: Path, iterations: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # SmolLM2's pad equals its eos, and TRL drops pad ids from the attention mask: pad with <|endoftext|> (id 0).
+    tok.pad_token = "<|endoftext|>"
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    reward = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    for m in (policy, ref, reward, value):
+        m.config.pad_token_id = tok.pad_token_id
+    policy.generation_config.pad_token_id = tok.pad_token_id
+    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+           for q in QUESTIONS]
+    dataset = Dataset.from_dict({"input_ids": [tok(t, add_special_tokens=False)["input_ids"] for t in ids]})
+    out = tempfile.mkdtemp(prefix="trl_ppo_")
+    args = PPOConfig(
+        output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        num_mini_batches=MINIBATCHES, num_ppo_epochs=1, response_length=NEW_TOKENS, temperature=1.0,
+        total_episodes=BATCH * iterations, local_rollout_forward_batch_size=BATCH // MINIBATCHES,
+        stop_token=None, missing_eos_penalty=None, num_sample_generations=0, learning_rate=3e-5, use_cpu=True,
+        bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=1000, seed=0,
+        gradient_checkpointing=False, dataloader_num_workers=0,
+    )
+    marks: dict[str, float] = {}
+    rows: list[dict] = []
+    real_generation, real_np = trl_ppo.batch_generation, trl_ppo.np
+
+    def timed_generation(*a, **k):  # the rollout starts with generation
+        marks["start"] = time.perf_counter()
+        result = real_generation(*a, **k)
+        marks["generated"] = time.perf_counter()
+        return result
+
+    class TimedNumpy:  # the update phase starts with the first minibatch permutation
+        def __getattr__(self, name):
+            return getattr(real_np, name)
+
+    class Random:
+        def __getattr__(self, name):
+            return getattr(real_np.random, name)
+
+        @staticmethod
+        def permutation(n):
+            marks.setdefault("update", time.perf_counter())
+            return real_np.random.permutation(n)
+
+    timed_np = TimedNumpy()
+    timed_np.random = Random()
+    trl_ppo.batch_generation, trl_ppo.np = timed_generation, timed_np
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            end = time.perf_counter()
+            rows.append({"total_s": end - marks["start"], "rollout_s": marks["update"] - marks["start"],
+                         "update_s": end - marks["update"], "generation_s": marks["generated"] - marks["start"]})
+            print(f"trl iteration {len(rows) - 1}: {rows[-1]}", file=sys.stderr, flush=True)
+            marks.clear()
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         train_dataset=dataset, value_model=value, callbacks=[StepTimer()])
+    trainer.train()
+    return {"iterations": rows, "peak_rss_gib": peak_rss_gib()}
+
+
+def summarise(result: dict) -> dict:
+    rows = result["iterations"][1:] or result["iterations"]  # drop the warm-up iteration
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("total_s", "rollout_s", "update_s")}
+    return {**mean, "peak_rss_gib": result["peak_rss_gib"], "timed_iterations": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF-layout model dir (default: the default model)")
+    parser.add_argument("--iterations", type=int, default=3, help="per side; the first is a warm-up")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--side", choices=["minicai", "trl"], help=argparse.SUPPRESS)  # internal: one subprocess
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from minicai.weights import resolve_model
+
+    model_dir = resolve_model(args.model)
+    if args.side:
+        result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, args.iterations)
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for side in ("minicai", "trl"):
+        cmd = [sys.executable, __file__, "--side", side, "--iterations", str(args.iterations),
+               "--threads", str(args.threads), "--model", str(model_dir)]
+        env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        results[side] = summarise(json.loads(line[len("RESULT "):]))
+        print(f"{side}: {results[side]}", flush=True)
+    a, b = results["minicai"], results["trl"]
+    print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; fp32; batch {BATCH}, "
+          f"{NEW_TOKENS} new tokens, 1 epoch, {MINIBATCHES} minibatches\n")
+    print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")
+    for key, label in (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
+                       ("peak_rss_gib", "peak RSS (GiB)")):
+        print(f"| {label} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
