@@ -112,6 +112,7 @@ def write_jsonl(path, records: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in records:

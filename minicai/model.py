@@ -401,6 +401,7 @@ def atomic_write_text(file: Path, text: str) -> None:
     """Write to a temporary file in the same directory, then rename: readers never see half a file."""
     file = Path(file)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, file)

@@ -112,6 +112,7 @@ class RewardModel(nn.Module):
         self.trunk.save_pretrained(path)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
         fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{HEAD_FILE}.")
+        os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
         os.close(fd)
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, path / HEAD_FILE)

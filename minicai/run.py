@@ -76,6 +76,7 @@ def start_run(args, out: str | Path) -> Path:
 def atomic_write_json(path: Path, obj) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")

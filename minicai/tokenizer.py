@@ -301,6 +301,7 @@ class ChatTokenizer:
             if not src.is_file():
                 continue
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
             os.close(fd)
             try:
                 shutil.copyfile(src, tmp)
