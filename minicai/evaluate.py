@@ -1,9 +1,13 @@
-"""Evaluate models. Subcommands (more are added by later stages):
+"""Evaluate models. Subcommands:
 
+  compare  initial vs SL-CAI vs RL-CAI (or any models) on held-out prompt sets: PM scores, judged win rates and
+           Elo (both orders), evasiveness, toxicity, judge strength; writes runs/report/report.md + plots
+           (minicai/compare.py; the paper's Figures 2, 5 and 8 at small scale)
   hhh   accuracy on the paper's 438 helpful/honest/harmless binary comparisons (Bai et al. 2022, Figure 4), asked
         as multiple-choice questions and scored with the same code as the AI-feedback labels (minicai/feedback.py).
 
-Usage: python -m minicai.evaluate hhh [--model DIR] [--file PATH] [--limit N] [--batch-size B] [--out FILE]
+Usage: python -m minicai.evaluate compare [NAME=DIR ...] [--pm DIR] [--limit N] [--out DIR]
+       python -m minicai.evaluate hhh [--model DIR] [--file PATH] [--limit N] [--batch-size B] [--out FILE]
 """
 
 from __future__ import annotations
@@ -85,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_hhh_parser(sub)
+    add_compare_parser(sub)
     return parser
+
+
+def add_compare_parser(sub) -> None:
+    from minicai.compare import add_arguments, run_compare
+
+    p = sub.add_parser("compare", help="compare models: PM scores, judged win rates, Elo, evasiveness, toxicity; "
+                                       "writes a report", description=run_compare.__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run_compare)
 
 
 def main(argv: list[str] | None = None) -> None:

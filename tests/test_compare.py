@@ -388,3 +388,11 @@ def test_module_help_runs_on_its_own():
     res = subprocess.run([sys.executable, "-m", "minicai.compare", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "NAME=DIR" in res.stdout and "--hhh-limit" in res.stdout
+
+
+def test_evaluate_cli_routes_compare_to_this_module():
+    from minicai import compare, evaluate
+
+    args = evaluate.build_parser().parse_args(["compare", "initial=default", "sl=runs/sl/model", "--limit", "3"])
+    assert args.func is compare.run_compare
+    assert args.models == ["initial=default", "sl=runs/sl/model"] and args.limit == 3
