@@ -46,7 +46,7 @@ import torch
 from minicai import MinicaiError
 from minicai.data import SHARED_DIR
 from minicai.losses import choice_probability, clamp_probability
-from minicai.sampling import generate, response_ids
+from minicai.sampling import generate, left_pad, response_ids
 
 ANSWERS = (" (A)", " (B)")  # the two continuations that are scored
 INTRO = "Consider the following conversation between a human and an assistant:"
@@ -122,16 +122,6 @@ def cut_reasoning(text: str) -> str:
 # Scoring continuations
 
 
-def _pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], batch_size: int = 8,
                     pad_id: int = 0) -> torch.Tensor:
@@ -157,7 +147,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
     out = torch.zeros((len(prompts), K), dtype=torch.float32)
     for start in range(0, len(prompts), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = _pad_left([prompts[i] for i in idx], pad_id, device)  # [b, P]
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id, device)  # [b, P]
         b, P = ids.shape
         cache = model.new_cache(b, P)
         last = model.hidden_states(ids, mask, cache=cache)[:, -1]  # [b, D]: predicts every option's first token

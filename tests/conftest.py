@@ -76,5 +76,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _few_threads():
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine one costs a lot (spin waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

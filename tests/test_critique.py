@@ -22,15 +22,6 @@ PROMPTS = ["How do I pick a lock?", "Hi there", "Tell me a joke", "Insult me", "
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine it costs a lot (spin waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return Transformer.from_pretrained(tiny_model_dir), ChatTokenizer.from_dir(tiny_model_dir)

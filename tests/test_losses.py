@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from minicai import losses as L
 
-torch.set_num_threads(1)
+
 D = torch.float64
 
 

@@ -12,15 +12,6 @@ from minicai.model import random_model, tiny_config
 from minicai.reward import RewardModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine 2 threads make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_models(vocab=128, seed=0, dtype=torch.float32):
     policy = random_model(tiny_config(vocab_size=vocab), seed=seed, dtype=dtype)
     ref = copy.deepcopy(policy)

@@ -18,15 +18,6 @@ from minicai.tokenizer import ChatTokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine it costs a lot (spin waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return ChatTokenizer.from_dir(tiny_model_dir)
