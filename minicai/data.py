@@ -105,8 +105,8 @@ def read_jsonl(path, tolerate_partial_last: bool = False) -> list[dict]:
     return [record for _, record in iter_jsonl(path, tolerate_partial_last)]
 
 
-def write_jsonl(path, records: Iterable[dict]) -> Path:
-    """Write records as JSONL atomically: a temporary file in the same folder, then os.replace.
+def atomic_write_text(path, text: str) -> Path:
+    """Write text atomically: a temporary file in the same folder, fsync, then os.replace.
 
     Readers see either the old file or the complete new one, never a half-written file."""
     path = Path(path)
@@ -115,8 +115,7 @@ def write_jsonl(path, records: Iterable[dict]) -> Path:
     os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,6 +124,11 @@ def write_jsonl(path, records: Iterable[dict]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def write_jsonl(path, records: Iterable[dict]) -> Path:
+    """Write records as JSONL atomically (see atomic_write_text)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def append_jsonl(path, record: dict) -> None:

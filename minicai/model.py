@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minicai import MinicaiError
+from minicai.data import atomic_write_text
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -395,16 +395,6 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / s for s in shards]
     raise MinicaiError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                        "weights are read; convert .bin checkpoints with transformers' save_pretrained).")
-
-
-def atomic_write_text(file: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    file = Path(file)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:

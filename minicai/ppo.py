@@ -335,6 +335,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             pg_loss.backward()
             pg_norm = torch.nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
             policy_opt.step()
+            policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.detach().float() / cfg.temperature, m)
             del logits
@@ -345,6 +346,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             vf_loss.backward()
             vf_norm = torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
             value_opt.step()
+            value_opt.zero_grad(set_to_none=True)
             step_stats = {
                 "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
                 "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"],
@@ -414,8 +416,11 @@ def init_state(policy, ref_model, value_model, cfg: PPOConfig) -> PPOState:
     ref_model.requires_grad_(False).eval()
     policy.requires_grad_(True)
     value_model.requires_grad_(True)
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel per parameter group instead of foreach's temporary copies of every tensor (faster on CPU and
+    # GPU, and the peak memory of a step no longer holds an extra copy of the parameters)
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay, fused=True)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
+                                  fused=True)
     return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg))
 
 
