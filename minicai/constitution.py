@@ -221,6 +221,13 @@ def _load_json(path: Path, text: str):
         raise MinicaiError(f"{path}:{e.lineno}: not valid JSON ({e.msg}) (fix: repair the file)") from None
 
 
+def _read_json_file(path: Path):
+    """A few-shot JSON file's content; a missing file or bad JSON is a MinicaiError naming it."""
+    if not path.is_file():
+        raise MinicaiError(f"{path}: file not found (fix: check the path)")
+    return _load_json(path, path.read_text(encoding="utf-8"))
+
+
 def _unframe(text: str, label: str, tail: str) -> str:
     """Strip the paper's framing: "\\n\\n<label>: request\\n\\n<tail>:" -> "request"."""
     m = re.match(rf"\s*(?:{label}:)?(.*?)(?:\n\s*{tail}:)?\s*$", text, re.DOTALL)
@@ -318,9 +325,7 @@ def load_critique_examples(path=DEFAULT_CRITIQUE_EXAMPLES) -> list[CritiqueExamp
     path = Path(path)
     examples = []
     if path.suffix == ".json":
-        if not path.is_file():
-            raise MinicaiError(f"{path}: file not found (fix: check the path)")
-        obj = _load_json(path, path.read_text(encoding="utf-8"))
+        obj = _read_json_file(path)
         if not isinstance(obj, list) or not all(isinstance(s, str) for s in obj):
             raise MinicaiError(f"{path}: expected a list of transcript strings "
                                "(fix: use the layout of CritiqueRevisionFewShotPrompts.json)")
@@ -363,9 +368,7 @@ def load_comparison_examples(path=DEFAULT_COMPARISON_EXAMPLES) -> list[Compariso
     path = Path(path)
     examples = []
     if path.suffix == ".json":
-        if not path.is_file():
-            raise MinicaiError(f"{path}: file not found (fix: check the path)")
-        obj = _load_json(path, path.read_text(encoding="utf-8"))
+        obj = _read_json_file(path)
         if not isinstance(obj, list):
             raise MinicaiError(f"{path}: expected a list of {{prompt, corrects, incorrects}} "
                                "(fix: use the layout of RLMadisonFewShotPrompts.json)")
