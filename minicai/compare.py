@@ -416,17 +416,12 @@ def revision_pm_scores(rm, tok, records: list[dict], batch_size: int = 8, max_le
 def read_hhh_transcripts(path=None, limit: int | None = None) -> list[tuple[list[dict], list[dict]]]:
     """(conversation ending in the correct response, conversation ending in the incorrect one) per HHH record, from
     the "text_correct" / "text_incorrect" transcripts of the paper's 438HHHEvaluations.jsonl."""
-    from minicai.data import iter_jsonl, parse_hh_transcript
-    from minicai.feedback import DEFAULT_HHH_FILE
+    from minicai.data import parse_hh_transcript
+    from minicai.feedback import DEFAULT_HHH_FILE, iter_hhh
 
     path = Path(path) if path is not None else DEFAULT_HHH_FILE
-    if not path.is_file():
-        raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass --hhh-file pointing at the paper's "
-                           "438HHHEvaluations.jsonl)")
     out = []
-    for n, rec in iter_jsonl(path):
-        if limit is not None and len(out) >= limit:
-            break
+    for n, rec in iter_hhh(path, limit, flag="--hhh-file"):
         if not isinstance(rec.get("text_correct"), str) or not isinstance(rec.get("text_incorrect"), str):
             raise MinicaiError(f"{path}:{n}: no 'text_correct'/'text_incorrect' transcripts (fix: use the paper's "
                                "438HHHEvaluations.jsonl)")

@@ -318,19 +318,27 @@ _HHH_OPTIONS = re.compile(  # head, option texts a and b, tail
     r"(?P<tail>\n\nThe answer is:)$", re.DOTALL)
 
 
-def read_hhh(path=None, limit: int | None = None) -> list[dict]:
-    """The paper's 438HHHEvaluations.jsonl: records with "prompt" (ends in "The answer is:") and one answer each
-    in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect}."""
+def iter_hhh(path=None, limit: int | None = None, flag: str = "--file"):
+    """(line number, raw record) of the paper's 438HHHEvaluations.jsonl, at most `limit` of them; a missing file is
+    a MinicaiError that names the flag to fix. Callers check the fields they need."""
     from minicai.data import iter_jsonl
 
     path = Path(path) if path is not None else DEFAULT_HHH_FILE
     if not path.is_file():
-        raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass --file pointing at the paper's "
+        raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass {flag} pointing at the paper's "
                            "438HHHEvaluations.jsonl; by default it is read from ../shared/data/cai-paper/)")
+    for count, (n, rec) in enumerate(iter_jsonl(path)):
+        if limit is not None and count >= limit:
+            return
+        yield n, rec
+
+
+def read_hhh(path=None, limit: int | None = None) -> list[dict]:
+    """The paper's 438HHHEvaluations.jsonl: records with "prompt" (ends in "The answer is:") and one answer each
+    in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect}."""
+    path = Path(path) if path is not None else DEFAULT_HHH_FILE
     records = []
-    for n, rec in iter_jsonl(path):
-        if limit is not None and len(records) >= limit:
-            break
+    for n, rec in iter_hhh(path, limit, flag="--file"):
         ok = (isinstance(rec.get("prompt"), str) and isinstance(rec.get("corrects"), list)
               and isinstance(rec.get("incorrects"), list) and rec["corrects"] and rec["incorrects"])
         if not ok or {rec["corrects"][0], rec["incorrects"][0]} != set(ANSWERS):
