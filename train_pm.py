@@ -39,7 +39,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import DEFAULT_PROMPTS, append_jsonl, read_jsonl, read_prompts
+from minicai.data import append_jsonl, read_jsonl, read_prompts
 from minicai.feedback import FeedbackConfig, label_pairs, position_bias
 from minicai.reward import PMTrainConfig, RewardModel, evaluate_preference_model, train_preference_model
 from minicai.sampling import generate, response_ids
@@ -71,11 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--policy", default=None,
                    help=f"the SL-CAI model that samples the responses (default: {DEFAULT_POLICY}; "
                         "run train_sl.py first, or pass any HF-layout model dir)")
-    g.add_argument("--red-team", default=str(DEFAULT_PROMPTS["red_team_train"]),
-                   help="red-team prompts: .jsonl {prompt}, HH-RLHF .jsonl(.gz), .txt, or a name such as "
-                        "red_team_train (default: data/red_team_train.jsonl)")
-    g.add_argument("--helpful", default=str(DEFAULT_PROMPTS["helpful_train"]),
-                   help="helpfulness prompts, same formats (default: data/helpful_train.jsonl)")
+    run.add_prompt_args(g)
     g.add_argument("--num-red-team", type=int, default=64, help="red-team prompts, from the top (default: 64)")
     g.add_argument("--num-helpful", type=int, default=32, help="helpfulness prompts, from the top (default: 32)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="max tokens per sampled response (default: 64)")

@@ -30,7 +30,7 @@ from minicai import MinicaiError, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
-from minicai.data import DEFAULT_PROMPTS, read_jsonl, read_prompts
+from minicai.data import read_jsonl, read_prompts
 from minicai.sft import SFTConfig, build_examples, helpful_pairs, revision_pairs, split_heldout, train_sft
 
 DEFAULTS = CritiqueSettings()  # the CPU-sized generation defaults
@@ -66,11 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="discard the outputs of the halves being run and start them afresh")
 
     g = p.add_argument_group("generation (critique -> revision loop)")
-    g.add_argument("--red-team", default=str(DEFAULT_PROMPTS["red_team_train"]),
-                   help="red-team prompts: {prompt} JSONL, HH-RLHF .jsonl(.gz), .txt, or a set name "
-                        "(default: data/red_team_train.jsonl)")
-    g.add_argument("--helpful", default=str(DEFAULT_PROMPTS["helpful_train"]),
-                   help="helpfulness prompts, same formats (default: data/helpful_train.jsonl)")
+    run.add_prompt_args(g)
     g.add_argument("--num-prompts", type=int, default=32, help="red-team prompts to use, from the top (default: 32)")
     g.add_argument("--num-helpful", type=int, default=None,
                    help="helpfulness prompts to answer and mix in (default: half of --num-prompts)")

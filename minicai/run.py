@@ -35,6 +35,17 @@ def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
+def add_prompt_args(group) -> None:
+    """--red-team / --helpful: the training prompt sets of the SL and PM stages (any format data.read_prompts reads)."""
+    from minicai.data import DEFAULT_PROMPTS
+
+    group.add_argument("--red-team", default=str(DEFAULT_PROMPTS["red_team_train"]),
+                       help="red-team prompts: {prompt} JSONL, HH-RLHF .jsonl(.gz), .txt, or a set name such as "
+                            "red_team_train or donotanswer (default: data/red_team_train.jsonl)")
+    group.add_argument("--helpful", default=str(DEFAULT_PROMPTS["helpful_train"]),
+                       help="helpfulness prompts, same formats (default: data/helpful_train.jsonl)")
+
+
 def resolve_device(arg: str | None) -> torch.device:
     if arg is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
