@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Packed decoding weights (Transformer.decoding) on the CPU; MINICAI_PACKED=0 turns them off (plain nn.Linear).
+PACKED_DECODING = _onednn_available() and os.environ.get("MINICAI_PACKED", "1") != "0"
+
+
+def pack_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """A frozen copy of a linear layer's weight [out, in] in oneDNN's blocked layout, for inputs of about `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + b with a weight from pack_weight (no autograd). Equals F.linear to floating-point rounding."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 as the reference implementations do."""
 
@@ -192,14 +214,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         # Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v bias only.
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+        self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
-    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None = None, layer: int = 0):
-        # x: [B, T, D]; attn_mask: bool [B, 1, T, S] (True = may attend), S = T without cache, cache length with it
+    def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0):
+        # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask (0 = may attend, -inf = may not), S = T
+        # without a cache, the cache length with it (see Transformer.hidden_states)
         B, T, _ = x.shape
         c = self.c
-        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        if self.packed:  # decoding (Transformer.decoding): q, k and v from one product with a packed, fused weight
+            q, k, v = packed_linear(x, *self.packed["qkv"]).split(
+                [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
             start = cache.length
@@ -210,12 +239,16 @@ class Attention(nn.Module):
         # Grouped-query attention: query head h reads KV head h // groups. Rather than copying K and V `groups`
         # times, fold each group's queries into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh].
         groups = c.num_heads // c.num_kv_heads
-        S = k.shape[2]
         q = q.reshape(B, c.num_kv_heads, groups * T, c.head_dim)
-        mask = attn_mask[:, :, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(head_dim)
-        y = y.view(B, c.num_heads, T, c.head_dim)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim))
+        if T == 1:
+            # One new token (decoding): softmax(q k^T / sqrt(d) + bias) v written out; for a single query row
+            # this is cheaper on the CPU than the fused kernel's setup. Softmax in float32 at least.
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim)) + attn_bias  # [B, Hkv, groups, S]
+            y = scores.softmax(-1, dtype=torch.promote_types(v.dtype, torch.float32)).to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
+        y = y.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
+        return packed_linear(y, *self.packed["o"]) if self.packed else self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -226,8 +259,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
     def forward(self, x):
+        if self.packed:  # decoding: gate and up from one product with a packed, fused weight
+            gate, up = packed_linear(x, self.packed["gate_up"]).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, self.packed["down"])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -239,8 +276,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, layer)
+    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -258,6 +295,7 @@ class Transformer(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_head: torch.Tensor | None = None  # set only inside decoding()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model["embed_tokens"].weight
 
@@ -295,18 +333,59 @@ class Transformer(nn.Module):
         allowed = causal[None] & key_mask[:, None, :]  # [B, T, S]
         # A padding query would see no key at all (NaN softmax); let it see itself. Its output is never used.
         allowed = allowed | (k_idx == q_idx)[None]
-        attn_mask = allowed[:, None]  # [B, 1, T, S]
+        # One additive mask for every layer, already in the grouped-query layout of Attention: [B, 1, groups * T, S]
+        groups = self.config.num_heads // self.config.num_kv_heads
+        allowed = allowed[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+        attn_bias = torch.zeros(allowed.shape, dtype=self.dtype, device=input_ids.device)
+        attn_bias = attn_bias.masked_fill(~allowed, float("-inf"))
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model["embed_tokens"](input_ids)
         for i, block in enumerate(self.model["layers"]):
-            x = block(x, cos, sin, attn_mask, cache, i)
+            x = block(x, cos, sin, attn_bias, cache, i)
         if cache is not None:
             cache.length += T
         return self.model["norm"](x)
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: final hidden states [..., D] -> logits [..., V]."""
+        return packed_linear(hidden, self.packed_head) if self.packed_head is not None else self.lm_head(hidden)
+
+    @contextmanager
+    def decoding(self, batch: int):
+        """Inside this block, inference uses packed copies of the weights (CPU only; a no-op elsewhere).
+
+        Decoding a token reads every weight once, so on the CPU its speed is how fast the matrix products stream
+        weights from memory. torch's default CPU product (MKL) streams about 11 GB/s on this project's 2-core
+        AMD EPYC at batch 1 to 16; oneDNN's kernel with weights reordered into its blocked layout (what
+        torch.compile's CPU backend does) streams 16-23 GB/s, more with q/k/v and gate/up fused into one product
+        each (bench/bench_generate.py). The copies are frozen snapshots, so this is for no-grad use while the
+        weights do not change (sampling.generate); they are freed on exit. Costs one extra copy of the weights
+        while active and about 0.2 s to build for a 135M model."""
+        use = PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+        if not use or torch.is_grad_enabled():
+            yield self
+            return
+        cat = lambda *ws: torch.cat([w.detach() for w in ws])  # noqa: E731
+        try:
+            for block in self.model["layers"]:
+                a, m = block.self_attn, block.mlp
+                qkv_bias = cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if a.q_proj.bias is not None else None
+                a.packed = {"qkv": (pack_weight(cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), batch),
+                                    qkv_bias),
+                            "o": (pack_weight(a.o_proj.weight, batch),
+                                  None if a.o_proj.bias is None else a.o_proj.bias.detach())}
+                m.packed = {"gate_up": pack_weight(cat(m.gate_proj.weight, m.up_proj.weight), batch),
+                            "down": pack_weight(m.down_proj.weight, batch)}
+            self.packed_head = pack_weight(self.lm_head.weight, batch)
+            yield self
+        finally:
+            for block in self.model["layers"]:
+                block.self_attn.packed = block.mlp.packed = None
+            self.packed_head = None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)

@@ -163,7 +163,7 @@ def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, tempera
     columns P-1 .. P+N-1 go through the LM head (they predict the response; prompt logits are never needed).
     Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""
     hidden = model.hidden_states(ids, mask)[:, prompt_width - 1 :]  # [B, N+1, D]
-    logits = model.lm_head(hidden)  # [B, N+1, V]
+    logits = model.logits(hidden)  # [B, N+1, V]
     logp = sequence_logprobs(logits, ids[:, prompt_width - 1 :], temperature)  # [B, N]: column t scores response t
     return logp, logits[:, :-1]
 

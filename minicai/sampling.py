@@ -90,31 +90,32 @@ def generate(
     generator.manual_seed(seed if seed is not None else torch.seed())
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
-    cache = model.new_cache(B, P + max_new_tokens)
-    hidden = model.hidden_states(ids, mask, cache=cache)[:, -1]  # prefill; only the last position is needed
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    alive = torch.ones(B, dtype=torch.bool, device=device)
+    with model.decoding(B):  # packed weights for the CPU (model.Transformer.decoding)
+        cache = model.new_cache(B, P + max_new_tokens)
+        hidden = model.hidden_states(ids, mask, cache=cache)[:, -1]  # prefill; only the last position is needed
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+        out_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)
 
-    for t in range(max_new_tokens):
-        logits = filter_logits(model.lm_head(hidden), temperature, top_k, top_p)  # [B, V] float32
-        logp = logits.log_softmax(-1)
-        if temperature == 0:
-            next_tok = logits.argmax(-1)
-        else:
-            next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        tokens[:, t] = torch.where(alive, next_tok, pad_id)
-        logprobs[:, t] = torch.where(alive, logp.gather(-1, next_tok[:, None]).squeeze(-1), 0.0)
-        out_mask[:, t] = alive.long()
-        if len(stop):
-            hit = alive & torch.isin(next_tok, stop)
-            finished |= hit
-            alive &= ~hit
-        if not alive.any() or t == max_new_tokens - 1:
-            break
-        hidden = model.hidden_states(tokens[:, t : t + 1], alive[:, None].long(), cache=cache)[:, -1]
+        for t in range(max_new_tokens):
+            logits = filter_logits(model.logits(hidden), temperature, top_k, top_p)  # [B, V] float32
+            logp = logits.log_softmax(-1)
+            if temperature == 0:
+                next_tok = logits.argmax(-1)
+            else:
+                next_tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tokens[:, t] = torch.where(alive, next_tok, pad_id)
+            logprobs[:, t] = torch.where(alive, logp.gather(-1, next_tok[:, None]).squeeze(-1), 0.0)
+            out_mask[:, t] = alive.long()
+            if len(stop):
+                hit = alive & torch.isin(next_tok, stop)
+                finished |= hit
+                alive &= ~hit
+            if not alive.any() or t == max_new_tokens - 1:
+                break
+            hidden = model.hidden_states(tokens[:, t : t + 1], alive[:, None].long(), cache=cache)[:, -1]
 
     n = int(out_mask.sum(1).max().item()) if out_mask.any() else 0
     return Generation(tokens[:, :n], out_mask[:, :n], logprobs[:, :n], finished)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minicai import MinicaiError
-from minicai.model import ModelConfig, Transformer, random_model, tiny_config
+from minicai.model import PACKED_DECODING, ModelConfig, Transformer, random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,6 +100,38 @@ def test_kv_cache_decoding_equals_full_forward():
             steps.append(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache))
     stepped = torch.cat(steps, dim=1)
     assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
+
+
+@pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
+@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_packed_decoding_weights_give_the_same_outputs(tmp_path, case, dtype, tol):
+    """Inside Transformer.decoding the fused, packed weight copies give the plain forward's logits (prefill and
+    cached steps), and leaving the block frees them."""
+    model = Transformer.from_pretrained(make_hf_model(tmp_path, case), dtype=dtype)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        plain = model(ids, mask).float()
+        with model.decoding(batch=ids.shape[0]):
+            assert model.packed_head is not None and model.model["layers"][0].mlp.packed is not None
+            packed = model(ids, mask).float()
+            cache = model.new_cache(ids.shape[0], ids.shape[1])
+            steps = [model.logits(model.hidden_states(ids[:, :8], mask[:, :8], cache=cache))]
+            for t in range(8, ids.shape[1]):
+                steps.append(model.logits(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)))
+    stepped = torch.cat(steps, dim=1).float()
+    assert model.packed_head is None and all(b.self_attn.packed is None and b.mlp.packed is None
+                                             for b in model.model["layers"])
+    real = mask[..., None].bool()
+    assert ((packed - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
+    assert ((stepped - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
+
+
+def test_packed_decoding_is_a_no_op_with_gradients_or_float64():
+    for dtype, grad in [(torch.float64, False), (torch.float32, True)]:
+        model = random_model(tiny_config(), seed=4, dtype=dtype)
+        with torch.set_grad_enabled(grad), model.decoding(batch=2):
+            assert model.packed_head is None and model.model["layers"][0].self_attn.packed is None
 
 
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied"])
