@@ -204,6 +204,15 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
+    def copy_prefix(self, prefix: "KVCache") -> None:
+        """Start every row with the tokens of `prefix`, a filled batch-1 cache (Transformer.encode_prefix)."""
+        n = prefix.length
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :n] = prefix.k[layer][:, :, :n]
+            self.v[layer][:, :, :n] = prefix.v[layer][:, :, :n]
+        self.key_mask[:, :n] = prefix.key_mask[:, :n]
+        self.length = n
+
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
@@ -216,9 +225,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
         self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
-    def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0):
-        # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask (0 = may attend, -inf = may not), S = T
-        # without a cache, the cache length with it (see Transformer.hidden_states)
+    def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0,
+                prefix: KVCache | None = None):
+        # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask (0 = may attend, -inf = may not), S = the
+        # keys attended to: the cache's filled length with a cache, prefix length + T with a prefix, else T
         B, T, _ = x.shape
         c = self.c
         if self.packed:  # decoding (Transformer.decoding): q, k and v from one product with a packed, fused weight
@@ -236,6 +246,10 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start : start + T] = v
             k = cache.k[layer][:, :, : start + T]
             v = cache.v[layer][:, :, : start + T]
+        elif prefix is not None:  # a shared prefix's keys/values (batch 1) come first in every row
+            n = prefix.length
+            k = torch.cat([prefix.k[layer][:, :, :n].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix.v[layer][:, :, :n].expand(B, -1, -1, -1), v], dim=2)
         # Grouped-query attention: query head h reads KV head h // groups. Rather than copying K and V `groups`
         # times, fold each group's queries into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh].
         groups = c.num_heads // c.num_kv_heads
@@ -276,8 +290,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer)
+    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -308,23 +322,29 @@ class Transformer(nn.Module):
         return self.lm_head.weight.dtype
 
     # ---- the forward pass -------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                      prefix: KVCache | None = None):
         """input_ids [B, T] (attention_mask [B, T], 1 = real token, 0 = padding) -> final-norm hidden [B, T, D].
 
-        Without a cache: positions = cumsum(mask) - 1, causal attention restricted to real keys.
-        With a cache: the T new tokens continue the cached sequence; `attention_mask` then covers only them."""
+        Alone: positions = cumsum(mask) - 1, causal attention restricted to real keys.
+        With a cache: the T new tokens continue the cached sequence (and are written into it).
+        With a prefix (encode_prefix): every row continues the same shared prefix, as if it were [prefix | row];
+        gradients flow into the prefix's computation. In both cases `attention_mask` covers only the T new tokens."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         new_mask = attention_mask.bool()
-        if cache is None:
-            key_mask = new_mask  # [B, S=T]
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        else:
+        if cache is not None:
             start = cache.length
             cache.key_mask[:, start : start + T] = new_mask
-            key_mask = cache.key_mask[:, : start + T]
-            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            key_mask = cache.key_mask[:, : start + T]  # [B, S]
+        elif prefix is not None:
+            start = prefix.length
+            key_mask = torch.cat([prefix.key_mask[:, :start].expand(B, start), new_mask], dim=1)
+        else:
+            start = 0
+            key_mask = new_mask
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, T]
         S = key_mask.shape[1]
         offset = S - T
         q_idx = torch.arange(T, device=input_ids.device)[:, None] + offset
@@ -341,7 +361,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model["embed_tokens"](input_ids)
         for i, block in enumerate(self.model["layers"]):
-            x = block(x, cos, sin, attn_bias, cache, i)
+            x = block(x, cos, sin, attn_bias, cache, i, prefix)
         if cache is not None:
             cache.length += T
         return self.model["norm"](x)
@@ -389,6 +409,18 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    def encode_prefix(self, prefix_ids) -> KVCache:
+        """Keys and values of a token sequence [L] that every row of a batch starts with, computed once (batch 1).
+
+        Chat prompts share their opening (the system message, a few-shot block), so a batch's forward pass can
+        compute it once instead of once per row: pass the result as hidden_states(..., prefix=) or copy it into a
+        generation cache (KVCache.copy_prefix). Each row's result is that of [prefix | row] run whole (equal to
+        floating-point rounding), and under autograd the gradient through the prefix is the sum over the rows."""
+        ids = torch.as_tensor(prefix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        cache = self.new_cache(1, ids.shape[1])
+        self.hidden_states(ids, cache=cache)
+        return cache
 
     # ---- loading and saving -----------------------------------------------------------------------------------
     @classmethod

@@ -11,9 +11,12 @@ One PPO iteration, as in Ziegler et al. 2019 (arXiv 1909.08593) and lm-human-pre
              clipped value loss for the value model (losses.ppo_value_loss), each with its own AdamW and its own
              gradient-norm clip. Then the KL controller adapts beta from the batch's KL.
 
-Layout of every forward pass: `[pad.. prompt | response ..pad]`, i.e. the left-padded prompt block [B, P] followed by
-the right-padded response block [B, N]; the model takes positions from the mask, so padding changes nothing. The
-hidden state at column P-1+t predicts response token t and is also where the value V(s_t) is read.
+Layout of every forward pass: `prefix | pad.. prompt | response ..pad`. The prefix [L] is the opening all rendered
+prompts share (chat template, system message); it is computed once per forward pass and its keys/values are
+prepended to every row (Transformer.encode_prefix; PPOConfig.share_prefix=False gives L = 0). Then come the rest of
+the prompts, left-padded [B, P], and the right-padded responses [B, N]; the model takes positions from the mask, so
+padding changes nothing. The hidden state at column P-1+t predicts response token t and is also where the value
+V(s_t) is read.
 
 Correctness checks that run every iteration (and are logged):
 - the old log-probs are recomputed with a forward pass; the sampler's own log-probs must agree (float32: within
@@ -48,10 +51,10 @@ from minicai.losses import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    sequence_logprobs,
+    token_logprobs,
     whiten,
 )
-from minicai.sampling import generate, left_pad, response_ids
+from minicai.sampling import generate, left_pad, response_ids, shared_prefix_length
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
 # of each row without its stop token. The PM's score (score_with_pm) or, in tests, a programmatic reward.
@@ -82,6 +85,7 @@ class PPOConfig:
     kl_estimator: str = "k1"  # losses.kl_penalty kind: k1 (log-ratio, Ziegler et al.), abs, k2, k3
     truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
     logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32
+    share_prefix: bool = True  # run the prompts' common opening once per forward pass (exact up to float rounding)
 
     def __post_init__(self) -> None:
         problems = []
@@ -156,21 +160,29 @@ def mixed_prompt_batch(
 # Forward passes over [prompt | response]
 
 
-def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, temperature: float) -> tuple[Tensor, Tensor]:
+def _prefix(model, prefix_ids: Tensor | None):
+    """The shared prompt prefix's keys/values under `model` (None when there is none); see Transformer.encode_prefix."""
+    return model.encode_prefix(prefix_ids) if prefix_ids is not None and len(prefix_ids) else None
+
+
+def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, temperature: float,
+                    prefix_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens under `model` and the logits that produced them.
 
-    ids/mask [B, P + N] (left-padded prompt block of width P, then the response block). Only the hidden states at
-    columns P-1 .. P+N-1 go through the LM head (they predict the response; prompt logits are never needed).
-    Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""
-    hidden = model.hidden_states(ids, mask)[:, prompt_width - 1 :]  # [B, N+1, D]
-    logits = model.logits(hidden)  # [B, N+1, V]
-    logp = sequence_logprobs(logits, ids[:, prompt_width - 1 :], temperature)  # [B, N]: column t scores response t
-    return logp, logits[:, :-1]
+    ids/mask [B, P + N] (left-padded prompt block of width P, then the response block), optionally preceded in
+    every row by the shared prompt prefix `prefix_ids` [L]. The last response token predicts nothing, so the
+    forward pass stops before it; only the hidden states at columns P-1 .. P+N-2 (those that predict the response)
+    go through the LM head. Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""
+    hidden = model.hidden_states(ids[:, :-1], mask[:, :-1], prefix=_prefix(model, prefix_ids))[:, prompt_width - 1 :]
+    logits = model.logits(hidden)  # [B, N, V]: column t predicts response token t
+    return token_logprobs(logits, ids[:, prompt_width:], temperature), logits
 
 
-def response_values(value_model, ids: Tensor, mask: Tensor, prompt_width: int) -> Tensor:
+def response_values(value_model, ids: Tensor, mask: Tensor, prompt_width: int,
+                    prefix_ids: Tensor | None = None) -> Tensor:
     """V(s_t) for each response token t, read at column P-1+t (the state before token t): [B, P+N] -> [B, N] float32."""
-    return value_model.values(ids, mask)[:, prompt_width - 1 : -1].float()
+    prefix = _prefix(value_model.trunk, prefix_ids)
+    return value_model.values(ids[:, :-1], mask[:, :-1], prefix=prefix)[:, prompt_width - 1 :].float()
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -186,7 +198,8 @@ class Rollout:
     """One batch of episodes and everything PPO needs about them. B rows, prompt width P, response width N."""
 
     prompts: list[str]  # the user turns (what the PM sees as the human's message)
-    query_ids: Tensor  # [B, P] rendered prompts, left-padded
+    prefix_ids: Tensor  # [L] the opening every rendered prompt shares (empty when share_prefix is off)
+    query_ids: Tensor  # [B, P] the rendered prompts after that prefix, left-padded
     query_mask: Tensor  # [B, P]
     response_ids: Tensor  # [B, N] sampled tokens (stop token included), right-padded
     response_mask: Tensor  # [B, N] 1 on real response tokens
@@ -205,7 +218,7 @@ class Rollout:
 
     @property
     def input_ids(self) -> Tensor:
-        return torch.cat([self.query_ids, self.response_ids], dim=1)  # [B, P+N]
+        return torch.cat([self.query_ids, self.response_ids], dim=1)  # [B, P+N] (after prefix_ids)
 
     @property
     def attention_mask(self) -> Tensor:
@@ -229,17 +242,19 @@ def rollout(
 
     prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
-                   pad_id=pad_id, seed=seed)
-    query_ids, query_mask = left_pad(prompt_ids, pad_id, policy.device)
+                   pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
+    L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
+    prefix_ids = torch.tensor(prompt_ids[0][:L], dtype=torch.long, device=policy.device)
+    query_ids, query_mask = left_pad([p[L:] for p in prompt_ids], pad_id, policy.device)
     P = query_ids.shape[1]
-    ids = torch.cat([query_ids, gen.tokens], dim=1)  # [B, P+N]
+    ids = torch.cat([query_ids, gen.tokens], dim=1)  # [B, P+N], each row preceded by prefix_ids
     mask = torch.cat([query_mask, gen.mask], dim=1)
     logp, ref_logp, values = [], [], []
     # Chunks of minibatch_size rows starting at row 0: the first PPO minibatch sees exactly these tensors.
     for rows in _chunks(len(prompt_ids), cfg.minibatch_size):
-        logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature)[0])
-        ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature)[0])
-        values.append(response_values(value_model, ids[rows], mask[rows], P))
+        logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
+        ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
+        values.append(response_values(value_model, ids[rows], mask[rows], P, prefix_ids))
     responses = [response_ids(gen, i, stop_ids) for i in range(len(prompt_ids))]
     scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(policy.device)
     if scores.shape != (len(prompt_ids),):
@@ -251,7 +266,7 @@ def rollout(
         return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
     return Rollout(
-        prompts=list(prompts), query_ids=query_ids, query_mask=query_mask, response_ids=gen.tokens,
+        prompts=list(prompts), prefix_ids=prefix_ids, query_ids=query_ids, query_mask=query_mask, response_ids=gen.tokens,
         response_mask=gen.mask, finished=gen.finished, responses=responses, sample_logprobs=zero(gen.logprobs),
         logprobs=zero(torch.cat(logp)), ref_logprobs=zero(torch.cat(ref_logp)), values=zero(torch.cat(values)),
         scores=scores,
@@ -326,7 +341,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             rows = order[chunk].to(ids.device)
             m = ro.response_mask[rows]
             # policy: clipped surrogate on whitened advantages
-            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature)
+            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
             pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
             if steps == 0:  # before any update in this iteration: must be exactly 0
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
@@ -340,7 +355,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 entropy = entropy_from_logits(logits.detach().float() / cfg.temperature, m)
             del logits
             # value model: clipped regression onto the GAE returns
-            v = response_values(value_model, ids[rows], mask[rows], P)
+            v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
             vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
             value_opt.zero_grad(set_to_none=True)
             vf_loss.backward()

@@ -31,6 +31,7 @@ import torch.nn as nn
 from minicai import MinicaiError
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer
+from minicai.sampling import shared_prefix_length
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -49,14 +50,15 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.trunk.device
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these)."""
-        hidden = self.trunk.hidden_states(input_ids, attention_mask)  # [B, T, D]
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
+        """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these).
+        prefix: an optional shared prefix of every row (Transformer.encode_prefix of the trunk)."""
+        hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """Scores [B] float32, read at the last token with attention_mask == 1 in each row."""
-        hidden = self.trunk.hidden_states(input_ids, attention_mask)  # [B, T, D]
+        hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         last = last_token_index(attention_mask)  # [B]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, D]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1) - self.offset
@@ -171,8 +173,11 @@ def score_conversations(rm: RewardModel, tok, prompts: list[str], responses: lis
     rm.eval()
     for s in range(0, len(rows), batch_size):
         idx = order[s : s + batch_size]
-        ids, mask = pad_batch([rows[i] for i in idx], tok.pad_id)
-        out[torch.tensor(idx)] = rm(ids.to(rm.device), mask.to(rm.device)).float().cpu()
+        # the conversations' shared opening (chat template, system message) runs once per batch, not once per row
+        n = shared_prefix_length([rows[i] for i in idx])
+        prefix = rm.trunk.encode_prefix(rows[idx[0]][:n]) if n else None
+        ids, mask = pad_batch([rows[i][n:] for i in idx], tok.pad_id)
+        out[torch.tensor(idx)] = rm(ids.to(rm.device), mask.to(rm.device), prefix=prefix).float().cpu()
     rm.train(was_training)
     return out
 

@@ -1,8 +1,8 @@
 """Batched sampling with a KV cache: the one way every stage draws text from a model.
 
-`generate` left-pads the prompts, runs them through the model once (prefill), then decodes one token per step
-from the preallocated cache. It returns the new tokens, a mask of which are real, and the log-probability of each
-sampled token under the distribution it was drawn from (PPO's "old" log-probs, paper section 4 / Schulman 2017).
+`generate` runs the prompts' shared opening through the model once, then their left-padded remainders (prefill),
+then decodes one token per step from the preallocated cache. It returns the new tokens, a mask of which are real,
+and the log-probability of each sampled token under the distribution it was drawn from (PPO's "old" log-probs, paper section 4 / Schulman 2017).
 Same seed, same prompts, same model -> the same tokens.
 """
 
@@ -32,6 +32,18 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
         ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every prompt, leaving at least one token of each prompt after
+    it (so each row still ends on a token of its own); 0 for fewer than two prompts."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -77,21 +89,28 @@ def generate(
     stop_ids=(),
     pad_id: int = 0,
     seed: int | None = None,
+    share_prefix: bool = True,
 ) -> Generation:
     """Sample up to max_new_tokens for each prompt (token id lists). Greedy when temperature == 0.
 
     A row stops after emitting any id in stop_ids (that token is kept, mask 1); the loop ends when all rows stopped.
     log-probs are those of the (tempered, filtered) distribution each token was drawn from; for greedy decoding
-    they are the plain log-softmax of the logits."""
+    they are the plain log-softmax of the logits.
+
+    share_prefix: the tokens every prompt starts with (chat template, system message, few-shot examples) go
+    through the model once, not once per row (Transformer.encode_prefix); the rows are left-padded after it."""
     device = model.device
-    ids, mask = left_pad(prompts, pad_id, device)
+    L = shared_prefix_length(prompts) if share_prefix else 0
+    ids, mask = left_pad([p[L:] for p in prompts], pad_id, device)  # [B, P]: each prompt after the shared prefix
     B, P = ids.shape
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
     with model.decoding(B):  # packed weights for the CPU (model.Transformer.decoding)
-        cache = model.new_cache(B, P + max_new_tokens)
+        cache = model.new_cache(B, L + P + max_new_tokens)
+        if L:
+            cache.copy_prefix(model.encode_prefix(prompts[0][:L]))
         hidden = model.hidden_states(ids, mask, cache=cache)[:, -1]  # prefill; only the last position is needed
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)

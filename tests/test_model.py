@@ -102,6 +102,30 @@ def test_kv_cache_decoding_equals_full_forward():
     assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
 
 
+def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
+    """hidden_states(rows, prefix=encode_prefix(opening)) equals running [opening | row] for each left-padded row,
+    and the parameter gradients equal those of the whole batch (float64)."""
+    ids, mask = left_padded_batch()
+    opening = torch.tensor([7, 8, 9, 10, 11])
+    whole_ids = torch.cat([opening.expand(ids.shape[0], -1), ids], dim=1)
+    whole_mask = torch.cat([torch.ones(ids.shape[0], len(opening), dtype=mask.dtype), mask], dim=1)
+    grads = []
+    for shared in (False, True):
+        model = random_model(tiny_config(vocab_size=97), seed=5, dtype=torch.float64)
+        if shared:
+            h = model.hidden_states(ids, mask, prefix=model.encode_prefix(opening))
+        else:
+            h = model.hidden_states(whole_ids, whole_mask)[:, len(opening):]
+        out = (h * mask[..., None]).pow(2).sum()
+        out.backward()
+        grads.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (h_whole, g_whole), (h_shared, g_shared) = grads
+    assert ((h_shared - h_whole).abs() * mask[..., None]).max().item() < 1e-12
+    assert set(g_shared) == set(g_whole) and len(g_whole) > 10
+    for name in g_whole:
+        assert (g_shared[name] - g_whole[name]).abs().max().item() < 1e-10, name
+
+
 @pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])

@@ -30,13 +30,25 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17], [18, 19, 20, 21,
 STOP = list(range(100, 108))  # 8 of 128 ids stop a row: with seed 3, rows stop after 1, 4, 9 and 10 tokens or run out
 
 
-def padded_rollout(dtype=torch.float32, minibatch_size=3):
+# The same prompts behind a common opening (as a chat template's system message): the rollout computes it once.
+OPENING = [1, 2, 3, 4]
+SHARED_PROMPTS = [OPENING + p for p in PROMPTS]
+
+
+def padded_rollout(dtype=torch.float32, minibatch_size=3, prompts=PROMPTS):
     policy, ref, value = make_models(dtype=dtype)
-    cfg = ppo.PPOConfig(batch_size=len(PROMPTS), minibatch_size=minibatch_size, max_new_tokens=10,
+    cfg = ppo.PPOConfig(batch_size=len(prompts), minibatch_size=minibatch_size, max_new_tokens=10,
                         truncation_penalty=-1.0)
-    ro = ppo.rollout(policy, ref, value, PROMPTS, [str(p) for p in PROMPTS], count_reward(40), cfg, stop_ids=STOP,
+    ro = ppo.rollout(policy, ref, value, prompts, [str(p) for p in prompts], count_reward(40), cfg, stop_ids=STOP,
                      pad_id=0, seed=3)
     return policy, ref, value, cfg, ro
+
+
+def test_shared_opening_is_computed_once():
+    *_, ro = padded_rollout(prompts=SHARED_PROMPTS)
+    assert ro.prefix_ids.tolist() == OPENING and ro.query_ids.shape[1] == max(map(len, PROMPTS))
+    *_, ro = padded_rollout()
+    assert ro.prefix_ids.numel() == 0
 
 
 def test_rollout_batch_really_is_ragged():
@@ -48,8 +60,9 @@ def test_rollout_batch_really_is_ragged():
     assert lengths.unique().numel() >= 3 and int(lengths.min()) < ro.response_ids.shape[1]
 
 
-def test_ratio_is_one_and_kl_zero_before_the_first_update():
-    policy, ref, value, cfg, ro = padded_rollout()
+@pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PROMPTS], ids=["no_shared_prefix", "shared_prefix"])
+def test_ratio_is_one_and_kl_zero_before_the_first_update(prompts):
+    policy, ref, value, cfg, ro = padded_rollout(prompts=prompts)
     ppo.compute_advantages(ro, beta=0.1, cfg=cfg)
     m = ro.response_mask.bool()
     # KL against the reference (a copy of the policy) is exactly 0 on every token
@@ -60,7 +73,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update():
     # every minibatch of the first epoch, forwarded with gradients on, reproduces the old log-probs bit for bit
     ids, mask, P = ro.input_ids, ro.attention_mask, ro.query_ids.shape[1]
     for rows in [slice(0, 3), slice(3, 6), slice(6, 7)]:
-        logp, _ = ppo.policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature)
+        logp, _ = ppo.policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
         assert logp.requires_grad
         assert torch.equal(torch.where(m[rows], logp.detach(), 0.0), ro.logprobs[rows])
     # and ppo_step measures the same before its first optimizer step
@@ -69,12 +82,14 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update():
     assert stats["ratio_first_maxdev"] == 0.0
 
 
-def test_left_padding_changes_nothing_float64():
-    """Each row alone (no padding at all) gives the batched log-probs and values (float64: to 1e-12)."""
-    policy, _, value, cfg, ro = padded_rollout(dtype=torch.float64)
+@pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PROMPTS], ids=["no_shared_prefix", "shared_prefix"])
+def test_left_padding_changes_nothing_float64(prompts):
+    """Each row alone (no padding, no shared prefix) gives the batched log-probs and values (float64: to 1e-12)."""
+    policy, _, value, cfg, ro = padded_rollout(dtype=torch.float64, prompts=prompts)
     ids, mask, P = ro.input_ids, ro.attention_mask, ro.query_ids.shape[1]
+    pre = ro.prefix_ids
     with torch.no_grad():
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(prompts):
             n = int(ro.response_mask[i].sum())
             alone = torch.tensor([prompt + ro.response_ids[i, :n].tolist()])
             logp, _ = ppo.policy_logprobs(policy, alone, torch.ones_like(alone), len(prompt), cfg.temperature)
@@ -85,9 +100,11 @@ def test_left_padding_changes_nothing_float64():
         # controls that the comparison can fail: treating the padding as real tokens, or forgetting the shift
         i = 2  # the 1-token prompt: most padding
         n = int(ro.response_mask[i].sum())
-        unmasked, _ = ppo.policy_logprobs(policy, ids[i : i + 1], torch.ones_like(mask[i : i + 1]), P, cfg.temperature)
+        unmasked, _ = ppo.policy_logprobs(policy, ids[i : i + 1], torch.ones_like(mask[i : i + 1]), P, cfg.temperature,
+                                          pre)
         assert not torch.allclose(unmasked[0, :n], ro.logprobs[i, :n], atol=1e-4)
-        logits = policy(ids[i : i + 1], mask[i : i + 1])[:, P : P + n]  # the logits *at* the response tokens
+        hidden = policy.hidden_states(ids[i : i + 1], mask[i : i + 1], prefix=ppo._prefix(policy, pre))
+        logits = policy.logits(hidden)[:, P : P + n]  # the logits *at* the response tokens
         unshifted = torch.log_softmax(logits, -1).gather(-1, ids[i : i + 1, P : P + n, None])[0, :, 0]
         assert not torch.allclose(unshifted, ro.logprobs[i, :n], atol=1e-4)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minicai.model import Transformer, random_model, tiny_config
-from minicai.sampling import filter_logits, generate, left_pad, response_ids
+from minicai.sampling import filter_logits, generate, left_pad, response_ids, shared_prefix_length
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,6 +78,28 @@ def test_batch_equals_each_prompt_alone():
         alone = generate(model, [prompt], 10, temperature=0)
         assert batch.tokens[i].tolist() == alone.tokens[0].tolist()
         assert torch.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-6)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every prompt keeps a token of its own
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefix_gives_what_each_full_prompt_gives(temperature):
+    """Prompts with a common opening: computing it once (share_prefix) changes nothing but float rounding."""
+    model = random_model(tiny_config(vocab_size=97), seed=9, dtype=torch.float64)
+    prompts = [[1, 2, 3, 4, 5] + p for p in PROMPTS]
+    shared = generate(model, prompts, 10, temperature=temperature, seed=5)
+    whole = generate(model, prompts, 10, temperature=temperature, seed=5, share_prefix=False)
+    assert torch.equal(shared.tokens, whole.tokens) and torch.equal(shared.mask, whole.mask)
+    assert (shared.logprobs - whole.logprobs).abs().max() < 1e-12
+    for i, prompt in enumerate(prompts):  # and each row equals its prompt run alone
+        alone = generate(model, [prompt], 10, temperature=0) if temperature == 0 else None
+        if alone is not None:
+            assert shared.tokens[i].tolist() == alone.tokens[0].tolist()
 
 
 def test_top_k_and_top_p_cut_the_distribution():
