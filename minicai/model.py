@@ -166,13 +166,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.to(torch.float32) if dtype != torch.float64 else x
+        if dtype in (torch.float32, torch.float64) and self.weight.dtype == dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same formula, one kernel
+        x32 = x.to(torch.float32)  # half precision: normalise in float32, round, then scale (as HF Llama does)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for rotary embeddings at the given positions [B, T] -> two [B, 1, T, head_dim] tensors.
+    """cos/sin tables for rotary embeddings at the given positions [B, T] -> two [B, T, 1, head_dim] tensors.
 
     Frequencies theta^(-2i/d) for i < d/2, each used twice (the "rotate half" layout of HF Llama checkpoints).
     Angles are computed in float32 (float64 for float64 models) and cast to the model dtype afterwards."""
@@ -180,11 +182,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=calc) / head_dim))
     angles = positions.to(calc)[..., None] * inv_freq  # [B, T, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, T, head_dim]
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of each head by the position's angle. x: [B, H, T, head_dim]."""
+    """Rotate pairs (x_i, x_{i+d/2}) of each head by the position's angle. x: [B, T, heads, head_dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -231,15 +233,17 @@ class Attention(nn.Module):
         # keys attended to: the cache's filled length with a cache, prefix length + T with a prefix, else T
         B, T, _ = x.shape
         c = self.c
+        H, Hkv, Dh = c.num_heads, c.num_kv_heads, c.head_dim
         if self.packed:  # decoding (Transformer.decoding): q, k and v from one product with a packed, fused weight
-            q, k, v = packed_linear(x, *self.packed["qkv"]).split(
-                [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+            qkv = packed_linear(x, *self.packed["qkv"])  # [B, T, (H + 2 Hkv) Dh]
+            qk = apply_rope(qkv[..., : (H + Hkv) * Dh].view(B, T, H + Hkv, Dh), cos, sin)  # one rotation for both
+            q, k = qk.split([H, Hkv], dim=2)
+            v = qkv[..., (H + Hkv) * Dh :].view(B, T, Hkv, Dh)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(self.q_proj(x).view(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
+            k = apply_rope(self.k_proj(x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
+            v = self.v_proj(x).view(B, T, Hkv, Dh)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Dh]
         if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
             start = cache.length
             cache.k[layer][:, :, start : start + T] = k
@@ -252,16 +256,16 @@ class Attention(nn.Module):
             v = torch.cat([prefix.v[layer][:, :, :n].expand(B, -1, -1, -1), v], dim=2)
         # Grouped-query attention: query head h reads KV head h // groups. Rather than copying K and V `groups`
         # times, fold each group's queries into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh].
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(B, c.num_kv_heads, groups * T, c.head_dim)
+        groups = H // Hkv
+        q = q.reshape(B, Hkv, groups * T, Dh)
         if T == 1:
             # One new token (decoding): softmax(q k^T / sqrt(d) + bias) v written out; for a single query row
             # this is cheaper on the CPU than the fused kernel's setup. Softmax in float32 at least.
-            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim)) + attn_bias  # [B, Hkv, groups, S]
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(Dh)) + attn_bias  # [B, Hkv, groups, S]
             y = scores.softmax(-1, dtype=torch.promote_types(v.dtype, torch.float32)).to(v.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
-        y = y.view(B, c.num_heads, T, c.head_dim).transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
+        y = y.view(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)
         return packed_linear(y, *self.packed["o"]) if self.packed else self.o_proj(y)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from minicai.model import Transformer, random_model, tiny_config
-from minicai.sampling import filter_logits, generate, left_pad, response_ids, shared_prefix_length
+from minicai.sampling import (filter_logits, generate, left_pad, response_ids, sample_categorical,
+                              shared_prefix_length)
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,6 +101,24 @@ def test_shared_prefix_gives_what_each_full_prompt_gives(temperature):
         alone = generate(model, [prompt], 10, temperature=0) if temperature == 0 else None
         if alone is not None:
             assert shared.tokens[i].tolist() == alone.tokens[0].tolist()
+
+
+def test_sample_categorical_draws_from_the_distribution():
+    """Inverse-CDF sampling: frequencies match the probabilities, zero-probability tokens never come up, seeded."""
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.25, 0.05]).repeat(4000, 1)  # 4000 rows, one draw each
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).double()
+    expected = probs[0].double() * len(draws)
+    assert counts[1] == 0 and counts[3] == 0
+    nonzero = expected > 0
+    chi2 = float(((counts - expected)[nonzero] ** 2 / expected[nonzero]).sum())
+    assert chi2 < 16.3, f"chi-square {chi2:.1f} with 3 degrees of freedom (p < 0.001)"
+    again = sample_categorical(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    # a point mass at the last token (the boundary case of the search) is drawn every time
+    last = torch.zeros(10, 6)
+    last[:, -1] = 1.0
+    assert sample_categorical(last, torch.Generator().manual_seed(1)).eq(5).all()
 
 
 def test_top_k_and_top_p_cut_the_distribution():
