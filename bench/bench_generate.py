@@ -2,7 +2,8 @@
 
 Default model (SmolLM2-135M-Instruct, converted offline), fp32, greedy, exactly 128 new tokens (no early stop),
 batch 1 and batch 16 (left-padded prompts of different lengths). Prints tokens/s for both and the ratio
-minicai / transformers. Usage: python bench/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 3]
+minicai / transformers; --ablation also times minicai without its packed decoding weights and without the shared
+prompt prefix. Usage: python bench/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 3] [--ablation]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import minicai.model  # noqa: E402
 from minicai.model import Transformer  # noqa: E402
 from minicai.sampling import generate  # noqa: E402
 from minicai.tokenizer import ChatTokenizer  # noqa: E402
@@ -32,6 +34,9 @@ QUESTIONS = [
     "How do vaccines train the immune system?", "Translate 'good morning' into French and Spanish.",
     "What is the difference between weather and climate?", "How do I politely decline a meeting invitation?",
 ]
+
+
+PACKED = minicai.model.PACKED_DECODING
 
 
 def best_time(fn, repeats: int) -> float:
@@ -50,6 +55,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is reported")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time minicai without packed decoding weights and without the shared prefix")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -89,6 +96,16 @@ def main() -> None:
         rows.append((batch, tps_ours, tps_ref, tps_ours / tps_ref, same))
         print(f"batch {batch:2d}: minicai {tps_ours:7.1f} tok/s ({t_ours:.2f} s) | transformers {tps_ref:7.1f} tok/s "
               f"({t_ref:.2f} s) | ratio {tps_ours / tps_ref:.2f}x | same greedy tokens {same:.1%}", flush=True)
+        if args.ablation:  # what each decoding feature is worth, same run
+            for label, packed, share in (("no packed weights", False, True), ("no shared prefix", True, False),
+                                         ("neither", False, False)):
+                minicai.model.PACKED_DECODING = packed and PACKED
+                t = best_time(lambda: generate(ours, prompts, args.new_tokens, temperature=0, stop_ids=(),
+                                               pad_id=tok.pad_id, share_prefix=share), args.repeats)
+                minicai.model.PACKED_DECODING = PACKED
+                tps = batch * args.new_tokens / t
+                print(f"          minicai, {label:17s} {tps:7.1f} tok/s ({t:.2f} s) | ratio {tps / tps_ref:.2f}x",
+                      flush=True)
     print("\n| batch | minicai tok/s | transformers tok/s | ratio |\n|---|---|---|---|")
     for batch, a, b, r, _ in rows:
         print(f"| {batch} | {a:.1f} | {b:.1f} | {r:.2f}x |")

@@ -146,6 +146,18 @@ def _onednn_available() -> bool:
 PACKED_DECODING = _onednn_available() and os.environ.get("MINICAI_PACKED", "1") != "0"
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix common to every prompt, leaving at least one token of each prompt after
+    it (so each row still ends on a token of its own); 0 for fewer than two prompts."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 def pack_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
     """A frozen copy of a linear layer's weight [out, in] in oneDNN's blocked layout, for inputs of about `batch` rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)

@@ -54,7 +54,8 @@ from minicai.losses import (
     token_logprobs,
     whiten,
 )
-from minicai.sampling import generate, left_pad, response_ids, shared_prefix_length
+from minicai.model import shared_prefix_length
+from minicai.sampling import generate, left_pad, response_ids
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
 # of each row without its stop token. The PM's score (score_with_pm) or, in tests, a programmatic reward.

@@ -30,8 +30,7 @@ import torch.nn as nn
 
 from minicai import MinicaiError
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
-from minicai.model import Transformer
-from minicai.sampling import shared_prefix_length
+from minicai.model import Transformer, shared_prefix_length
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minicai.model import shared_prefix_length
+
 
 @dataclass
 class Generation:
@@ -32,18 +34,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.
         ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Length of the longest token prefix common to every prompt, leaving at least one token of each prompt after
-    it (so each row still ends on a token of its own); 0 for fewer than two prompts."""
-    if len(prompts) < 2:
-        return 0
-    first, limit = prompts[0], min(len(p) for p in prompts) - 1
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from minicai.model import Transformer, random_model, tiny_config
-from minicai.sampling import (filter_logits, generate, left_pad, response_ids, sample_categorical,
-                              shared_prefix_length)
+from minicai.model import shared_prefix_length
+from minicai.sampling import filter_logits, generate, left_pad, response_ids, sample_categorical
 
 transformers = pytest.importorskip("transformers")
 
