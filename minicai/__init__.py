@@ -16,10 +16,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every large block (logits, activations, gradients: megabytes each) with a fresh mmap and
     unmaps it on free, so a training step that frees and re-allocates the same gigabytes pays a page fault per 4 KiB
-    every time (millions per PPO iteration; about a tenth of the update's time). With M_MMAP_MAX = 0 (no per-block
-    mmap) and a 2 GiB M_TRIM_THRESHOLD, freed blocks stay in the heap and are reused; peak memory is unchanged to
-    within about 2% in bench/bench_ppo.py. Done once when minicai is imported, on Linux with glibc; set
-    MINICAI_MALLOC=default to leave malloc alone. Returns whether the settings were applied."""
+    every time (millions per PPO iteration; 5-10% of the update's time). With M_MMAP_MAX = 0 (no per-block mmap)
+    and a 2 GiB M_TRIM_THRESHOLD, freed blocks stay in the heap and are reused. The price is a few freed blocks
+    held in reserve: peak memory in bench/bench_ppo.py went from 5.8 to 6.0 GiB, and it levels off (no growth
+    over iterations). Done once when minicai is imported, on Linux with glibc; set MINICAI_MALLOC=default to
+    leave malloc alone. Returns whether the settings were applied."""
     if sys.platform != "linux" or os.environ.get("MINICAI_MALLOC", "") == "default":
         return False
     try:
