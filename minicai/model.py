@@ -159,7 +159,7 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
 
 
 def pack_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
-    """A frozen copy of a linear layer's weight [out, in] in oneDNN's blocked layout, for inputs of about `batch` rows."""
+    """A frozen copy of a linear weight [out, in] in oneDNN's blocked layout, for inputs of about `batch` rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch)
 
 
@@ -178,9 +178,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if dtype in (torch.float32, torch.float64) and self.weight.dtype == dtype:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same formula, one kernel
-        x32 = x.to(torch.float32)  # half precision: normalise in float32, round, then scale (as HF Llama does)
+        x32 = x.to(torch.float32) if dtype != torch.float64 else x
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 

@@ -272,8 +272,9 @@ def rollout(
         return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
     return Rollout(
-        prompts=list(prompts), prefix_ids=prefix_ids, query_ids=query_ids, query_mask=query_mask, response_ids=gen.tokens,
-        response_mask=gen.mask, finished=gen.finished, responses=responses, sample_logprobs=zero(gen.logprobs),
+        prompts=list(prompts), prefix_ids=prefix_ids, query_ids=query_ids, query_mask=query_mask,
+        response_ids=gen.tokens, response_mask=gen.mask, finished=gen.finished, responses=responses,
+        sample_logprobs=zero(gen.logprobs),
         logprobs=zero(torch.cat(logp)), ref_logprobs=zero(torch.cat(ref_logp)), values=zero(torch.cat(values)),
         scores=scores,
     )

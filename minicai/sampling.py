@@ -2,7 +2,8 @@
 
 `generate` runs the prompts' shared opening through the model once, then their left-padded remainders (prefill),
 then decodes one token per step from the preallocated cache. It returns the new tokens, a mask of which are real,
-and the log-probability of each sampled token under the distribution it was drawn from (PPO's "old" log-probs, paper section 4 / Schulman 2017).
+and the log-probability of each sampled token under the distribution it was drawn from (PPO's "old" log-probs,
+paper section 4 / Schulman 2017).
 Same seed, same prompts, same model -> the same tokens.
 """
 

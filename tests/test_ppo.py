@@ -27,7 +27,7 @@ def count_reward(target):
 # Rows of different prompt lengths (1..9 tokens) so left padding differs per row.
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17], [18, 19, 20, 21, 22], [23, 24], [25, 26, 27, 28, 29,
            30, 31], [32, 33, 34, 35]]
-STOP = list(range(100, 108))  # 8 of 128 ids stop a row: with seed 16, rows stop after 1, 3, 5, 7 and 9 tokens or run out
+STOP = list(range(100, 108))  # 8 of 128 ids stop a row: with seed 16, rows stop after 1, 3, 5, 7, 9 tokens or run out
 
 
 # The same prompts behind a common opening (as a chat template's system message): the rollout computes it once.
