@@ -226,6 +226,44 @@ class KVCache:
         self.length = n
 
 
+@dataclass
+class SharedPrefix:
+    """How one forward pass lays out a token prefix that all B rows (of T tokens each) start with.
+
+    The per-token work (norms, every weight product, the MLP) runs over one sequence of L + B*T tokens: the prefix
+    once, then the rows' tokens. So the prefix costs L tokens instead of B*L, and under autograd its share of each
+    weight's gradient comes out of the same product as the rows' share (no small products of L rows, no extra
+    gradient sums). Only attention treats the parts apart: the prefix attends causally to itself, and each row to
+    the whole prefix and then to its own tokens."""
+
+    length: int  # L
+    rows: int  # B
+    cols: int  # T
+    bias: torch.Tensor  # [1, 1, groups * L, L] additive causal mask of the prefix over itself
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v with grouped-query attention. q [B, H, T, Dh]; k, v [B, Hkv, S, Dh];
+    attn_bias [B, 1, groups * T, S] (0 = may attend, -inf = may not). Returns [B, T, H * Dh].
+
+    Query head h reads KV head h // groups. Rather than copying K and V `groups` times, each group's queries are
+    folded into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh]."""
+    B, H, T, Dh = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, (H // Hkv) * T, Dh)
+    if T == 1:
+        # One new token (decoding): written out, since for a single query row this is cheaper on the CPU than the
+        # fused kernel's setup. The scale and the mask go in with the product (baddbmm); softmax in float32 at least.
+        scores = torch.baddbmm(attn_bias.expand(B, Hkv, H // Hkv, k.shape[2]).reshape(B * Hkv, H // Hkv, -1),
+                               q.reshape(B * Hkv, H // Hkv, Dh), k.reshape(B * Hkv, -1, Dh).transpose(1, 2),
+                               alpha=1.0 / math.sqrt(Dh))
+        probs = scores.softmax(-1, dtype=torch.promote_types(v.dtype, torch.float32)).to(v.dtype)
+        y = torch.bmm(probs, v.reshape(B * Hkv, -1, Dh))  # [B * Hkv, groups, Dh]
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
+    return y.view(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -238,9 +276,10 @@ class Attention(nn.Module):
         self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
     def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0,
-                prefix: KVCache | None = None):
-        # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask (0 = may attend, -inf = may not), S = the
-        # keys attended to: the cache's filled length with a cache, prefix length + T with a prefix, else T
+                prefix: SharedPrefix | None = None):
+        # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask, S = the keys attended to (the cache's filled
+        # length with a cache, else T). With a prefix, x is [1, L + B*T, D] (SharedPrefix) and attn_bias is the
+        # rows' mask over [prefix | own tokens]: [B, 1, groups * T, L + T].
         B, T, _ = x.shape
         c = self.c
         H, Hkv, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -254,28 +293,25 @@ class Attention(nn.Module):
             k = apply_rope(self.k_proj(x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
             v = self.v_proj(x).view(B, T, Hkv, Dh)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Dh]
-        if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
-            start = cache.length
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]
-            v = cache.v[layer][:, :, : start + T]
-        elif prefix is not None:  # a shared prefix's keys/values (batch 1) come first in every row
-            n = prefix.length
-            k = torch.cat([prefix.k[layer][:, :, :n].expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([prefix.v[layer][:, :, :n].expand(B, -1, -1, -1), v], dim=2)
-        # Grouped-query attention: query head h reads KV head h // groups. Rather than copying K and V `groups`
-        # times, fold each group's queries into the query axis: [B, Hkv, groups * T, Dh] against [B, Hkv, S, Dh].
-        groups = H // Hkv
-        q = q.reshape(B, Hkv, groups * T, Dh)
-        if T == 1:
-            # One new token (decoding): softmax(q k^T / sqrt(d) + bias) v written out; for a single query row
-            # this is cheaper on the CPU than the fused kernel's setup. Softmax in float32 at least.
-            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(Dh)) + attn_bias  # [B, Hkv, groups, S]
-            y = scores.softmax(-1, dtype=torch.promote_types(v.dtype, torch.float32)).to(v.dtype) @ v
+        if prefix is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
+            L, rows, cols = prefix.length, prefix.rows, prefix.cols
+            y_prefix = attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], prefix.bias)  # [1, L, H * Dh]
+
+            def per_row(t):  # [1, heads, L + B*T, Dh] -> the rows' part [B, heads, T, Dh]
+                return t[0, :, L:].unflatten(1, (rows, cols)).transpose(0, 1)
+
+            k_rows = torch.cat([k[:, :, :L].expand(rows, -1, -1, -1), per_row(k)], dim=2)  # [B, Hkv, L + T, Dh]
+            v_rows = torch.cat([v[:, :, :L].expand(rows, -1, -1, -1), per_row(v)], dim=2)
+            y_rows = attend(per_row(q), k_rows, v_rows, attn_bias)  # [B, T, H * Dh]
+            y = torch.cat([y_prefix[0], y_rows.flatten(0, 1)])[None]  # [1, L + B*T, H * Dh]
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
-        y = y.view(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)
+            if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
+                start = cache.length
+                cache.k[layer][:, :, start : start + T] = k
+                cache.v[layer][:, :, start : start + T] = v
+                k = cache.k[layer][:, :, : start + T]
+                v = cache.v[layer][:, :, : start + T]
+            y = attend(q, k, v, attn_bias)  # [B, T, H * Dh]
         return packed_linear(y, *self.packed["o"]) if self.packed else self.o_proj(y)
 
 
@@ -336,49 +372,60 @@ class Transformer(nn.Module):
         return self.lm_head.weight.dtype
 
     # ---- the forward pass -------------------------------------------------------------------------------------
-    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                      prefix: KVCache | None = None):
+    def hidden_states(self, input_ids, attention_mask=None, cache: KVCache | None = None, prefix=None):
         """input_ids [B, T] (attention_mask [B, T], 1 = real token, 0 = padding) -> final-norm hidden [B, T, D].
 
         Alone: positions = cumsum(mask) - 1, causal attention restricted to real keys.
         With a cache: the T new tokens continue the cached sequence (and are written into it).
-        With a prefix (encode_prefix): every row continues the same shared prefix, as if it were [prefix | row];
-        gradients flow into the prefix's computation. In both cases `attention_mask` covers only the T new tokens."""
+        With a prefix (token ids [L]): every row continues the same prefix, as if it were [prefix | row], and the
+        prefix is computed once for all rows (SharedPrefix); gradients flow through it into every weight.
+        In both cases `attention_mask` covers only the T new tokens, and only their hidden states are returned."""
         B, T = input_ids.shape
+        device = input_ids.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
         new_mask = attention_mask.bool()
+        shared = None
         if cache is not None:
             start = cache.length
             cache.key_mask[:, start : start + T] = new_mask
             key_mask = cache.key_mask[:, : start + T]  # [B, S]
-        elif prefix is not None:
-            start = prefix.length
-            key_mask = torch.cat([prefix.key_mask[:, :start].expand(B, start), new_mask], dim=1)
+        elif prefix is not None and len(prefix):
+            prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)
+            start = len(prefix)
+            key_mask = torch.cat([torch.ones(B, start, dtype=torch.bool, device=device), new_mask], dim=1)
+            shared = SharedPrefix(start, B, T, self._attention_bias(key_mask[:1, :start], start))
         else:
             start = 0
             key_mask = new_mask
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, T]
-        S = key_mask.shape[1]
-        offset = S - T
-        q_idx = torch.arange(T, device=input_ids.device)[:, None] + offset
-        k_idx = torch.arange(S, device=input_ids.device)[None, :]
-        causal = k_idx <= q_idx  # [T, S]
-        allowed = causal[None] & key_mask[:, None, :]  # [B, T, S]
-        # A padding query would see no key at all (NaN softmax); let it see itself. Its output is never used.
-        allowed = allowed | (k_idx == q_idx)[None]
-        # One additive mask for every layer, already in the grouped-query layout of Attention: [B, 1, groups * T, S]
-        groups = self.config.num_heads // self.config.num_kv_heads
-        allowed = allowed[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
-        attn_bias = torch.zeros(allowed.shape, dtype=self.dtype, device=input_ids.device)
-        attn_bias = attn_bias.masked_fill(~allowed, float("-inf"))
+        attn_bias = self._attention_bias(key_mask, T)  # one mask for every layer
+        if shared is not None:  # one sequence of L + B*T tokens: the prefix, then the rows (SharedPrefix)
+            input_ids = torch.cat([prefix, input_ids.flatten()])[None]  # [1, L + B*T]
+            positions = torch.cat([torch.arange(start, device=device), positions.flatten()])[None]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model["embed_tokens"](input_ids)
         for i, block in enumerate(self.model["layers"]):
-            x = block(x, cos, sin, attn_bias, cache, i, prefix)
+            x = block(x, cos, sin, attn_bias, cache, i, shared)
         if cache is not None:
             cache.length += T
+        if shared is not None:
+            x = x[0, start:].view(B, T, -1)  # the rows' tokens
         return self.model["norm"](x)
+
+    def _attention_bias(self, key_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """The additive attention mask of the last T of S positions: key_mask [B, S] (True = real token) ->
+        [B, 1, groups * T, S], 0 where a query may attend (causal, real keys) and -inf where not, already in the
+        grouped-query layout of `attend`."""
+        B, S = key_mask.shape
+        q_idx = torch.arange(T, device=key_mask.device)[:, None] + (S - T)
+        k_idx = torch.arange(S, device=key_mask.device)[None, :]
+        allowed = (k_idx <= q_idx)[None] & key_mask[:, None, :]  # [B, T, S]: causal and real
+        # A padding query would see no key at all (NaN softmax); let it see itself. Its output is never used.
+        allowed = allowed | (k_idx == q_idx)[None]
+        groups = self.config.num_heads // self.config.num_kv_heads
+        allowed = allowed[:, None, None].expand(B, 1, groups, T, S).reshape(B, 1, groups * T, S)
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=key_mask.device).masked_fill(~allowed, float("-inf"))
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype."""
@@ -427,10 +474,10 @@ class Transformer(nn.Module):
     def encode_prefix(self, prefix_ids) -> KVCache:
         """Keys and values of a token sequence [L] that every row of a batch starts with, computed once (batch 1).
 
-        Chat prompts share their opening (the system message, a few-shot block), so a batch's forward pass can
-        compute it once instead of once per row: pass the result as hidden_states(..., prefix=) or copy it into a
-        generation cache (KVCache.copy_prefix). Each row's result is that of [prefix | row] run whole (equal to
-        floating-point rounding), and under autograd the gradient through the prefix is the sum over the rows."""
+        Chat prompts share their opening (the system message, a few-shot block), so generation can compute it once
+        instead of once per row: copy the result into a generation cache (KVCache.copy_prefix). Each row then
+        continues as [prefix | row] run whole would (equal to floating-point rounding). Full forward passes share a
+        prefix through hidden_states(..., prefix=ids) instead."""
         ids = torch.as_tensor(prefix_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         cache = self.new_cache(1, ids.shape[1])
         self.hidden_states(ids, cache=cache)

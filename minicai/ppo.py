@@ -12,8 +12,8 @@ One PPO iteration, as in Ziegler et al. 2019 (arXiv 1909.08593) and lm-human-pre
              gradient-norm clip. Then the KL controller adapts beta from the batch's KL.
 
 Layout of every forward pass: `prefix | pad.. prompt | response ..pad`. The prefix [L] is the opening all rendered
-prompts share (chat template, system message); it is computed once per forward pass and its keys/values are
-prepended to every row (Transformer.encode_prefix; PPOConfig.share_prefix=False gives L = 0). Then come the rest of
+prompts share (chat template, system message); it is computed once per forward pass, and every row attends to it
+(model.SharedPrefix; PPOConfig.share_prefix=False gives L = 0). Then come the rest of
 the prompts, left-padded [B, P], and the right-padded responses [B, N]; the model takes positions from the mask, so
 padding changes nothing. The hidden state at column P-1+t predicts response token t and is also where the value
 V(s_t) is read.
@@ -161,32 +161,23 @@ def mixed_prompt_batch(
 # Forward passes over [prompt | response]
 
 
-def _prefix(model, prefix_ids):
-    """The shared prompt prefix's keys/values under `model` (a Transformer): prefix_ids [L] -> KVCache, or None
-    when there is no prefix. An already encoded prefix (a KVCache) passes through unchanged."""
-    if prefix_ids is None or not isinstance(prefix_ids, Tensor):
-        return prefix_ids
-    return model.encode_prefix(prefix_ids) if len(prefix_ids) else None
-
-
 def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, temperature: float,
                     prefix_ids=None) -> tuple[Tensor, Tensor]:
     """Log-probs of the response tokens under `model` and the logits that produced them.
 
     ids/mask [B, P + N] (left-padded prompt block of width P, then the response block), optionally preceded in
-    every row by the shared prompt prefix `prefix_ids` [L] (or that prefix already encoded by this model). The last
+    every row by the shared prompt prefix `prefix_ids` [L] (computed once for all rows, model.SharedPrefix). The last
     response token predicts nothing, so the forward pass stops before it; only the hidden states at columns
     P-1 .. P+N-2 (those that predict the response) go through the LM head.
     Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""
-    hidden = model.hidden_states(ids[:, :-1], mask[:, :-1], prefix=_prefix(model, prefix_ids))[:, prompt_width - 1 :]
+    hidden = model.hidden_states(ids[:, :-1], mask[:, :-1], prefix=prefix_ids)[:, prompt_width - 1 :]
     logits = model.logits(hidden)  # [B, N, V]: column t predicts response token t
     return token_logprobs(logits, ids[:, prompt_width:], temperature), logits
 
 
 def response_values(value_model, ids: Tensor, mask: Tensor, prompt_width: int, prefix_ids=None) -> Tensor:
     """V(s_t) for each response token t, read at column P-1+t (the state before token t): [B, P+N] -> [B, N] float32."""
-    prefix = _prefix(value_model.trunk, prefix_ids)
-    return value_model.values(ids[:, :-1], mask[:, :-1], prefix=prefix)[:, prompt_width - 1 :].float()
+    return value_model.values(ids[:, :-1], mask[:, :-1], prefix=prefix_ids)[:, prompt_width - 1 :].float()
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -254,13 +245,12 @@ def rollout(
     ids = torch.cat([query_ids, gen.tokens], dim=1)  # [B, P+N], each row preceded by prefix_ids
     mask = torch.cat([query_mask, gen.mask], dim=1)
     logp, ref_logp, values = [], [], []
-    # no weights change during the rollout: each model encodes the shared prefix once for all chunks
-    prefixes = [_prefix(m, prefix_ids) for m in (policy, ref_model, value_model.trunk)]
-    # Chunks of minibatch_size rows starting at row 0: the first PPO minibatch sees exactly these tensors.
+    # Chunks of minibatch_size rows starting at row 0: the first PPO minibatch sees exactly these tensors (and the
+    # same prefix computation), so its forward pass repeats these log-probs bit for bit.
     for rows in _chunks(len(prompt_ids), cfg.minibatch_size):
-        logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefixes[0])[0])
-        ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature, prefixes[1])[0])
-        values.append(response_values(value_model, ids[rows], mask[rows], P, prefixes[2]))
+        logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
+        ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
+        values.append(response_values(value_model, ids[rows], mask[rows], P, prefix_ids))
     responses = [response_ids(gen, i, stop_ids) for i in range(len(prompt_ids))]
     scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(policy.device)
     if scores.shape != (len(prompt_ids),):

@@ -51,7 +51,7 @@ class RewardModel(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these).
-        prefix: an optional shared prefix of every row (Transformer.encode_prefix of the trunk)."""
+        prefix: optional token ids [L] every row starts with, computed once (model.SharedPrefix)."""
         hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
 
@@ -174,7 +174,7 @@ def score_conversations(rm: RewardModel, tok, prompts: list[str], responses: lis
         idx = order[s : s + batch_size]
         # the conversations' shared opening (chat template, system message) runs once per batch, not once per row
         n = shared_prefix_length([rows[i] for i in idx])
-        prefix = rm.trunk.encode_prefix(rows[idx[0]][:n]) if n else None
+        prefix = rows[idx[0]][:n] if n else None
         ids, mask = pad_batch([rows[i][n:] for i in idx], tok.pad_id)
         out[torch.tensor(idx)] = rm(ids.to(rm.device), mask.to(rm.device), prefix=prefix).float().cpu()
     rm.train(was_training)

@@ -103,8 +103,8 @@ def test_kv_cache_decoding_equals_full_forward():
 
 
 def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
-    """hidden_states(rows, prefix=encode_prefix(opening)) equals running [opening | row] for each left-padded row,
-    and the parameter gradients equal those of the whole batch (float64)."""
+    """hidden_states(rows, prefix=opening) equals running [opening | row] for each left-padded row, and the
+    parameter gradients equal those of the whole batch (float64), although the opening is computed only once."""
     ids, mask = left_padded_batch()
     opening = torch.tensor([7, 8, 9, 10, 11])
     whole_ids = torch.cat([opening.expand(ids.shape[0], -1), ids], dim=1)
@@ -113,7 +113,7 @@ def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
     for shared in (False, True):
         model = random_model(tiny_config(vocab_size=97), seed=5, dtype=torch.float64)
         if shared:
-            h = model.hidden_states(ids, mask, prefix=model.encode_prefix(opening))
+            h = model.hidden_states(ids, mask, prefix=opening)
         else:
             h = model.hidden_states(whole_ids, whole_mask)[:, len(opening):]
         out = (h * mask[..., None]).pow(2).sum()
@@ -124,6 +124,36 @@ def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
     assert set(g_shared) == set(g_whole) and len(g_whole) > 10
     for name in g_whole:
         assert (g_shared[name] - g_whole[name]).abs().max().item() < 1e-10, name
+
+
+def test_shared_prefix_runs_once_through_every_layer():
+    """With a prefix of L tokens and B rows of T, each layer sees one sequence of L + B*T tokens (the prefix once),
+    and a prefix that changes changes every row (the rows really attend to it)."""
+    ids, mask = left_padded_batch()
+    B, T = ids.shape
+    opening = torch.tensor([7, 8, 9, 10, 11])
+    model = random_model(tiny_config(vocab_size=97), seed=5)
+    seen = []
+    model.model["layers"][1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        h = model.hidden_states(ids, mask, prefix=opening)
+        other = model.hidden_states(ids, mask, prefix=torch.tensor([7, 8, 9, 10, 12]))
+    assert seen[0] == (1, len(opening) + B * T, 32) and h.shape == (B, T, 32)
+    changed = ((h - other).abs().amax(-1) > 1e-4) | ~mask.bool()
+    assert changed.all()
+
+
+@pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
+def test_shared_prefix_with_packed_decoding_weights():
+    """The prefix layout also runs on the packed decoding weights (what no-grad scoring uses) with the same result."""
+    ids, mask = left_padded_batch()
+    opening = torch.tensor([7, 8, 9, 10, 11])
+    model = random_model(tiny_config(vocab_size=97), seed=5)
+    with torch.no_grad():
+        plain = model.hidden_states(ids, mask, prefix=opening)
+        with model.decoding(batch=ids.numel()):
+            packed = model.hidden_states(ids, mask, prefix=opening)
+    assert ((packed - plain).abs() * mask[..., None]).max().item() < 1e-5
 
 
 @pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")

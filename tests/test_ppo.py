@@ -103,7 +103,7 @@ def test_left_padding_changes_nothing_float64(prompts):
         unmasked, _ = ppo.policy_logprobs(policy, ids[i : i + 1], torch.ones_like(mask[i : i + 1]), P, cfg.temperature,
                                           pre)
         assert not torch.allclose(unmasked[0, :n], ro.logprobs[i, :n], atol=1e-4)
-        hidden = policy.hidden_states(ids[i : i + 1], mask[i : i + 1], prefix=ppo._prefix(policy, pre))
+        hidden = policy.hidden_states(ids[i : i + 1], mask[i : i + 1], prefix=pre)
         logits = policy.logits(hidden)[:, P : P + n]  # the logits *at* the response tokens
         unshifted = torch.log_softmax(logits, -1).gather(-1, ids[i : i + 1, P : P + n, None])[0, :, 0]
         assert not torch.allclose(unshifted, ro.logprobs[i, :n], atol=1e-4)
