@@ -171,7 +171,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """x @ W^T + b with oneDNN's CPU kernel in the forward pass; the backward is F.linear's (two plain products)."""
+    """x @ W^T + b with oneDNN's CPU kernel. Backward: grad_x = grad @ W (oneDNN again, as a product with the
+    weight W^T), grad_W = grad^T @ x and grad_b = sum of grad (plain torch, which is as fast there)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -182,15 +183,16 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad [..., out]
         x, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # [..., in]
+        grad_x = (torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")  # [..., in]
+                  if ctx.needs_input_grad[0] else None)
         grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None  # [out, in]
         grad_b = grad.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x). On the CPU (float32/bfloat16) the forward product goes through oneDNN, which is 10-18% faster
-    than torch's default CPU product (MKL) at this project's shapes (a few hundred tokens by 576-1536 features:
+    """layer(x). On the CPU (float32/bfloat16) the forward product (and the backward's grad @ W) goes through
+    oneDNN, which is 10-18% faster than torch's default CPU product (MKL) at this project's shapes (a few hundred tokens by 576-1536 features:
     every full forward pass of PPO, PM scoring and SFT). Equal to F.linear up to float rounding; the same inputs
     always give the same bits, with or without autograd. Elsewhere (float64, GPU) it is F.linear itself."""
     w = layer.weight
