@@ -102,7 +102,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
         raise ValueError(f"temperature must be > 0, got {temperature}; greedy decoding has no log-probabilities")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; want [B,T,V], [B,T]")
-    z = logits.to(_compute_dtype(logits)) / temperature  # [B, T, V]
+    z = logits.to(_compute_dtype(logits))  # [B, T, V]
+    if temperature != 1.0:  # (x / 1 == x exactly: skip a pass over the [B, T, V] logits)
+        z = z / temperature
     picked = z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
     return picked - torch.logsumexp(z, dim=-1)
 

@@ -220,19 +220,20 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     """cos/sin tables for rotary embeddings at the given positions [B, T] -> two [B, T, 1, head_dim] tensors.
 
     Frequencies theta^(-2i/d) for i < d/2, each used twice (the "rotate half" layout of HF Llama checkpoints).
+    The sine table carries the rotation's sign: -sin on the first half, +sin on the second (see apply_rope).
     Angles are computed in float32 (float64 for float64 models) and cast to the model dtype afterwards."""
     calc = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=calc) / head_dim))
     angles = positions.to(calc)[..., None] * inv_freq  # [B, T, head_dim/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [B, T, head_dim]
-    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype)[:, :, None], torch.cat([-sin, sin], dim=-1).to(dtype)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of each head by the position's angle. x: [B, T, heads, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) of a head by the position's angle a:
+    (x_i cos a - x_{i+d/2} sin a, x_{i+d/2} cos a + x_i sin a). x: [B, T, heads, head_dim]; the halves swapped
+    (a roll by d/2) times the signed sine table of rope_cos_sin gives the second terms."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:

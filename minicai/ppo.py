@@ -349,7 +349,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach().float() / cfg.temperature, m)
+                tempered = logits.detach().float()  # (no copy for float32 logits at temperature 1)
+                entropy = entropy_from_logits(tempered / cfg.temperature if cfg.temperature != 1 else tempered, m)
             del logits
             # value model: clipped regression onto the GAE returns
             v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)

@@ -41,7 +41,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     """The sampling distribution's logits [B, V]: divided by the temperature, then top-k and nucleus (top-p) cuts
     (removed tokens get -inf). temperature 0 means greedy and leaves the logits untempered."""
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
