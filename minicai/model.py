@@ -192,9 +192,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """layer(x). On the CPU (float32/bfloat16) the forward product (and the backward's grad @ W) goes through
-    oneDNN, which is 10-18% faster than torch's default CPU product (MKL) at this project's shapes (a few hundred tokens by 576-1536 features:
-    every full forward pass of PPO, PM scoring and SFT). Equal to F.linear up to float rounding; the same inputs
-    always give the same bits, with or without autograd. Elsewhere (float64, GPU) it is F.linear itself."""
+    oneDNN, which is 10-18% faster than torch's default CPU product (MKL) at this project's shapes: a few hundred
+    tokens by 576-1536 features, as in every full forward pass of PPO, PM scoring and SFT. Equal to F.linear up to
+    float rounding; the same inputs always give the same bits, with or without autograd. Elsewhere (float64, GPU)
+    it is F.linear itself."""
     w = layer.weight
     if ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
         return _OneDNNLinear.apply(x, w, layer.bias)
@@ -306,7 +307,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         # Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v bias only.
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+        o_bias = c.attention_bias and c.model_type == "llama"
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=o_bias)
         self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
     def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0,

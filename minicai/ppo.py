@@ -13,10 +13,9 @@ One PPO iteration, as in Ziegler et al. 2019 (arXiv 1909.08593) and lm-human-pre
 
 Layout of every forward pass: `prefix | pad.. prompt | response ..pad`. The prefix [L] is the opening all rendered
 prompts share (chat template, system message); it is computed once per forward pass, and every row attends to it
-(model.SharedPrefix; PPOConfig.share_prefix=False gives L = 0). Then come the rest of
-the prompts, left-padded [B, P], and the right-padded responses [B, N]; the model takes positions from the mask, so
-padding changes nothing. The hidden state at column P-1+t predicts response token t and is also where the value
-V(s_t) is read.
+(model.SharedPrefix; PPOConfig.share_prefix=False gives L = 0). Then come the rest of the prompts, left-padded
+[B, P], and the right-padded responses [B, N]; the model takes positions from the mask, so padding changes
+nothing. The hidden state at column P-1+t predicts response token t and is also where the value V(s_t) is read.
 
 Correctness checks that run every iteration (and are logged):
 - the old log-probs are recomputed with a forward pass; the sampler's own log-probs must agree (float32: within
