@@ -262,19 +262,36 @@ class KVCache:
 
 
 @dataclass
-class SharedPrefix:
-    """How one forward pass lays out a token prefix that all B rows (of T tokens each) start with.
+class PackedRows:
+    """How one forward pass lays out B rows of T tokens (with padding, and maybe a prefix of L tokens they all start
+    with) as one sequence: the prefix once, then only the rows' real tokens, row after row.
 
-    The per-token work (norms, every weight product, the MLP) runs over one sequence of L + B*T tokens: the prefix
-    once, then the rows' tokens. So the prefix costs L tokens instead of B*L, and under autograd its share of each
-    weight's gradient comes out of the same product as the rows' share (no small products of L rows, no extra
-    gradient sums). Only attention treats the parts apart: the prefix attends causally to itself, and each row to
-    the whole prefix and then to its own tokens."""
+    The per-token work (norms, every weight product, the MLP) runs over those L + n tokens (n = real tokens in the
+    rows), so neither padding nor B copies of the prefix cost anything; under autograd the prefix's share of each
+    weight's gradient comes out of the same product as the rows' share. Only attention treats the parts apart: the
+    prefix attends causally to itself, and each row (scattered back into [B, T], padding as zeros that no query may
+    read) to the whole prefix and then to its own tokens."""
 
-    length: int  # L
+    length: int  # L, the shared prefix (0 = none)
     rows: int  # B
     cols: int  # T
-    bias: torch.Tensor  # [1, 1, groups * L, L] additive causal mask of the prefix over itself
+    real: torch.Tensor | None  # [n] where the real tokens sit in the flattened [B * T] rows (None: no padding)
+    bias: torch.Tensor | None  # [1, 1, groups * L, L] additive causal mask of the prefix over itself (None if L = 0)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows' tokens of a packed tensor back into their [B, T] places: [..., L + n, X] -> [B, ..., T, X],
+        zeros at padding (a tensor with a heads axis [1, heads, L + n, Dh] becomes [B, heads, T, Dh])."""
+        t = t[0, ..., self.length :, :]  # [..., n, X]
+        if self.real is not None:
+            full = t.new_zeros(*t.shape[:-2], self.rows * self.cols, t.shape[-1])
+            t = full.index_copy(full.dim() - 2, self.real, t)
+        t = t.unflatten(-2, (self.rows, self.cols))  # [..., B, T, X]
+        return t.movedim(-3, 0)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows' real tokens, in packed order: [B, T, ...] -> [n, ...] (the inverse of scatter)."""
+        t = t.flatten(0, 1)
+        return t if self.real is None else t.index_select(0, self.real)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
@@ -312,10 +329,10 @@ class Attention(nn.Module):
         self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
     def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0,
-                prefix: SharedPrefix | None = None):
+                packed: PackedRows | None = None):
         # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask, S = the keys attended to (the cache's filled
-        # length with a cache, else T). With a prefix, x is [1, L + B*T, D] (SharedPrefix) and attn_bias is the
-        # rows' mask over [prefix | own tokens]: [B, 1, groups * T, L + T].
+        # length with a cache, else T). Packed, x is [1, L + n, D] (PackedRows) and attn_bias is the rows' mask over
+        # [prefix | own tokens]: [B, 1, groups * T, L + T].
         B, T, _ = x.shape
         c = self.c
         H, Hkv, Dh = c.num_heads, c.num_kv_heads, c.head_dim
@@ -329,17 +346,16 @@ class Attention(nn.Module):
             k = apply_rope(linear(self.k_proj, x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
             v = linear(self.v_proj, x).view(B, T, Hkv, Dh)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Dh]
-        if prefix is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
-            L, rows, cols = prefix.length, prefix.rows, prefix.cols
-            y_prefix = attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], prefix.bias)  # [1, L, H * Dh]
-
-            def per_row(t):  # [1, heads, L + B*T, Dh] -> the rows' part [B, heads, T, Dh]
-                return t[0, :, L:].unflatten(1, (rows, cols)).transpose(0, 1)
-
-            k_rows = torch.cat([k[:, :, :L].expand(rows, -1, -1, -1), per_row(k)], dim=2)  # [B, Hkv, L + T, Dh]
-            v_rows = torch.cat([v[:, :, :L].expand(rows, -1, -1, -1), per_row(v)], dim=2)
-            y_rows = attend(per_row(q), k_rows, v_rows, attn_bias)  # [B, T, H * Dh]
-            y = torch.cat([y_prefix[0], y_rows.flatten(0, 1)])[None]  # [1, L + B*T, H * Dh]
+        if packed is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
+            L = packed.length
+            k_rows, v_rows = packed.scatter(k), packed.scatter(v)  # [B, Hkv, T, Dh]
+            if L:
+                k_rows = torch.cat([k[:, :, :L].expand(packed.rows, -1, -1, -1), k_rows], dim=2)  # [B, Hkv, L+T, Dh]
+                v_rows = torch.cat([v[:, :, :L].expand(packed.rows, -1, -1, -1), v_rows], dim=2)
+            y = packed.gather(attend(packed.scatter(q), k_rows, v_rows, attn_bias))  # [n, H * Dh]
+            if L:
+                y = torch.cat([attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], packed.bias)[0], y])  # [L + n, H * Dh]
+            y = y[None]
         else:
             if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
                 start = cache.length
@@ -376,8 +392,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0, prefix=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer, prefix)
+    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0, packed=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -414,40 +430,41 @@ class Transformer(nn.Module):
         Alone: positions = cumsum(mask) - 1, causal attention restricted to real keys.
         With a cache: the T new tokens continue the cached sequence (and are written into it).
         With a prefix (token ids [L]): every row continues the same prefix, as if it were [prefix | row], and the
-        prefix is computed once for all rows (SharedPrefix); gradients flow through it into every weight.
-        In both cases `attention_mask` covers only the T new tokens, and only their hidden states are returned."""
+        prefix is computed once for all rows; gradients flow through it into every weight.
+        Without a cache, only real tokens are computed (PackedRows): the hidden states at padding are zeros.
+        In every case `attention_mask` covers only the T new tokens, and only their hidden states are returned."""
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
         new_mask = attention_mask.bool()
-        shared = None
+        packed = None
         if cache is not None:
             start = cache.length
             cache.key_mask[:, start : start + T] = new_mask
             key_mask = cache.key_mask[:, : start + T]  # [B, S]
-        elif prefix is not None and len(prefix):
-            prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)
+        else:
+            prefix = torch.as_tensor([] if prefix is None else prefix, dtype=torch.long, device=device)
             start = len(prefix)
             key_mask = torch.cat([torch.ones(B, start, dtype=torch.bool, device=device), new_mask], dim=1)
-            shared = SharedPrefix(start, B, T, self._attention_bias(key_mask[:1, :start], start))
-        else:
-            start = 0
-            key_mask = new_mask
+            padded = not bool(new_mask.all())
+            if start or padded:
+                real = new_mask.flatten().nonzero().squeeze(1) if padded else None
+                bias = self._attention_bias(key_mask[:1, :start], start) if start else None
+                packed = PackedRows(start, B, T, real, bias)
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, T]
         attn_bias = self._attention_bias(key_mask, T)  # one mask for every layer
-        if shared is not None:  # one sequence of L + B*T tokens: the prefix, then the rows (SharedPrefix)
-            input_ids = torch.cat([prefix, input_ids.flatten()])[None]  # [1, L + B*T]
-            positions = torch.cat([torch.arange(start, device=device), positions.flatten()])[None]
+        if packed is not None:  # one sequence of L + n tokens: the prefix, then the rows' real tokens
+            input_ids = torch.cat([prefix, packed.gather(input_ids)])[None]  # [1, L + n]
+            positions = torch.cat([torch.arange(start, device=device), packed.gather(positions)])[None]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model["embed_tokens"](input_ids)
         for i, block in enumerate(self.model["layers"]):
-            x = block(x, cos, sin, attn_bias, cache, i, shared)
+            x = block(x, cos, sin, attn_bias, cache, i, packed)
         if cache is not None:
             cache.length += T
-        if shared is not None:
-            x = x[0, start:].view(B, T, -1)  # the rows' tokens
-        return self.model["norm"](x)
+        x = self.model["norm"](x)
+        return x if packed is None else packed.scatter(x)  # [B, T, D]
 
     def _attention_bias(self, key_mask: torch.Tensor, T: int) -> torch.Tensor:
         """The additive attention mask of the last T of S positions: key_mask [B, S] (True = real token) ->

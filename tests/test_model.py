@@ -128,8 +128,8 @@ def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
 
 
 def test_shared_prefix_runs_once_through_every_layer():
-    """With a prefix of L tokens and B rows of T, each layer sees one sequence of L + B*T tokens (the prefix once),
-    and a prefix that changes changes every row (the rows really attend to it)."""
+    """With a prefix of L tokens and B rows of T holding n real tokens, each layer sees one sequence of L + n tokens
+    (the prefix once, no padding), and a prefix that changes changes every row (the rows really attend to it)."""
     ids, mask = left_padded_batch()
     B, T = ids.shape
     opening = torch.tensor([7, 8, 9, 10, 11])
@@ -139,7 +139,9 @@ def test_shared_prefix_runs_once_through_every_layer():
     with torch.no_grad():
         h = model.hidden_states(ids, mask, prefix=opening)
         other = model.hidden_states(ids, mask, prefix=torch.tensor([7, 8, 9, 10, 12]))
-    assert seen[0] == (1, len(opening) + B * T, 32) and h.shape == (B, T, 32)
+    n = int(mask.sum())
+    assert n < B * T and seen[0] == (1, len(opening) + n, 32) and h.shape == (B, T, 32)
+    assert (h[~mask.bool()] == 0).all()  # padding is not computed
     changed = ((h - other).abs().amax(-1) > 1e-4) | ~mask.bool()
     assert changed.all()
 
