@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("PPO")
     g.add_argument("--ppo-epochs", type=int, default=DEFAULTS.ppo_epochs, help="passes over each batch" + D)
     g.add_argument("--minibatch-size", type=int, default=DEFAULTS.minibatch_size, help="rows per gradient step" + D)
+    g.add_argument("--forward-batch-size", type=int, default=DEFAULTS.forward_batch_size,
+                   help="rows per no-grad forward pass of policy, reference and value model in the rollout (more is "
+                        "faster and takes more memory)" + D)
     g.add_argument("--policy-lr", type=float, default=DEFAULTS.policy_lr, help="AdamW learning rate, policy" + D)
     g.add_argument("--value-lr", type=float, default=DEFAULTS.value_lr, help="AdamW learning rate, value model" + D)
     g.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="AdamW weight decay, both" + D)
@@ -115,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def ppo_config(args) -> PPOConfig:
     return PPOConfig(
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size, policy_lr=args.policy_lr,
+        ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size,
+        forward_batch_size=args.forward_batch_size, policy_lr=args.policy_lr,
         value_lr=args.value_lr, weight_decay=args.weight_decay, clip_ratio=args.clip_ratio,
         clip_value=args.clip_value, max_grad_norm=args.max_grad_norm, gamma=args.gamma, lam=args.lam,
         whiten_advantages=args.whiten_advantages, kl_coef=args.kl_coef,

@@ -2,12 +2,16 @@
 
 Settings (from the RL issue): the default model (SmolLM2-135M-Instruct) as policy and reference; preference model
 and value model from the same weights with a scalar head; 16 prompts, exactly 64 new tokens (no stop token),
-temperature 1, 1 PPO epoch, 4 minibatches of 4, fp32, 2 threads, no gradient checkpointing. Each side runs in its
-own subprocess (so peak memory is its own) for --iterations iterations; the first is a warm-up and the mean of the
-rest is reported, split into rollout (generation + policy/reference/value/reward forwards) and update.
+temperature 1, 1 PPO epoch, 4 minibatches of 4, fp32, 2 threads, no gradient checkpointing. The rollout (generation
+and the no-grad forward passes) takes --rollout-batch rows at a time on both sides: TRL's
+local_rollout_forward_batch_size, minicai's forward_batch_size and PM batch. The default, 16 (the whole batch), is
+what TRL's own default (64) does with 16 prompts. (TRL also generates --rollout-batch rows at a time; minicai's
+sampler always takes the whole batch.) Each side runs in its own subprocess (so peak memory is its own) for
+--iterations iterations; the first is a warm-up and the mean of the rest is reported, split into rollout
+(generation + policy/reference/value/reward forwards) and update.
 
     pip install -r bench/requirements.txt      # trl==1.12.0, the last TRL release with a PPO trainer
-    python bench/bench_ppo.py [--iterations 3] [--threads 2]
+    python bench/bench_ppo.py [--iterations 3] [--threads 2] [--rollout-batch 16]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def run_minicai(model_dir: Path, iterations: int) -> dict:
+def run_minicai(model_dir: Path, iterations: int, rollout_batch: int) -> dict:
     import copy
     import functools
 
@@ -57,10 +61,11 @@ def run_minicai(model_dir: Path, iterations: int) -> dict:
     pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir), head_init="normal", seed=0).eval()
     value, _ = make_value_model(policy, tok, pm, tok)
     cfg = PPOConfig(batch_size=BATCH, max_new_tokens=NEW_TOKENS, ppo_epochs=1, minibatch_size=BATCH // MINIBATCHES,
+                    forward_batch_size=rollout_batch,
                     temperature=1.0)
     state = init_state(policy, ref, value, cfg)
     prompt_ids = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
-    reward_fn = functools.partial(score_with_pm, pm, tok, tok, batch_size=BATCH // MINIBATCHES)
+    reward_fn = functools.partial(score_with_pm, pm, tok, tok, batch_size=rollout_batch)
     rows = []
     for i in range(iterations):
         start = time.perf_counter()
@@ -73,7 +78,7 @@ def run_minicai(model_dir: Path, iterations: int) -> dict:
     return {"iterations": rows, "peak_rss_gib": peak_rss_gib()}
 
 
-def run_trl(model_dir: Path, iterations: int) -> dict:
+def run_trl(model_dir: Path, iterations: int, rollout_batch: int) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -99,7 +104,7 @@ def run_trl(model_dir: Path, iterations: int) -> dict:
     args = PPOConfig(
         output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         num_mini_batches=MINIBATCHES, num_ppo_epochs=1, response_length=NEW_TOKENS, temperature=1.0,
-        total_episodes=BATCH * iterations, local_rollout_forward_batch_size=BATCH // MINIBATCHES,
+        total_episodes=BATCH * iterations, local_rollout_forward_batch_size=rollout_batch,
         stop_token=None, missing_eos_penalty=None, num_sample_generations=0, learning_rate=3e-5, use_cpu=True,
         bf16=False, fp16=False, report_to=[], save_strategy="no", logging_steps=1000, seed=0,
         gradient_checkpointing=False, dataloader_num_workers=0,
@@ -156,6 +161,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF-layout model dir (default: the default model)")
     parser.add_argument("--iterations", type=int, default=3, help="per side; the first is a warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rollout-batch", type=int, default=BATCH,
+                        help="rows per generation / rollout forward pass, both sides (TRL: local_rollout_forward_batch_"
+                             "size; its default 64 covers all 16 rows)")
     parser.add_argument("--side", choices=["minicai", "trl"], help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()
     import torch
@@ -165,13 +173,14 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     if args.side:
-        result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, args.iterations)
+        result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, args.iterations, args.rollout_batch)
         print("RESULT " + json.dumps(result))
         return
     results = {}
     for side in ("minicai", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--iterations", str(args.iterations),
-               "--threads", str(args.threads), "--model", str(model_dir)]
+               "--threads", str(args.threads), "--model", str(model_dir),
+               "--rollout-batch", str(args.rollout_batch)]
         env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -181,7 +190,7 @@ def main() -> None:
         print(f"{side}: {results[side]}", flush=True)
     a, b = results["minicai"], results["trl"]
     print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; fp32; batch {BATCH}, "
-          f"{NEW_TOKENS} new tokens, 1 epoch, {MINIBATCHES} minibatches\n")
+          f"{NEW_TOKENS} new tokens, 1 epoch, {MINIBATCHES} minibatches, rollout batch {args.rollout_batch}\n")
     print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")
     for key, label in (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
                        ("peak_rss_gib", "peak RSS (GiB)")):

@@ -35,10 +35,10 @@ OPENING = [1, 2, 3, 4]
 SHARED_PROMPTS = [OPENING + p for p in PROMPTS]
 
 
-def padded_rollout(dtype=torch.float32, minibatch_size=3, prompts=PROMPTS):
+def padded_rollout(dtype=torch.float32, minibatch_size=3, prompts=PROMPTS, forward_batch_size=16):
     policy, ref, value = make_models(dtype=dtype)
     cfg = ppo.PPOConfig(batch_size=len(prompts), minibatch_size=minibatch_size, max_new_tokens=10,
-                        truncation_penalty=-1.0)
+                        truncation_penalty=-1.0, forward_batch_size=forward_batch_size)
     ro = ppo.rollout(policy, ref, value, prompts, [str(p) for p in prompts], count_reward(40), cfg, stop_ids=STOP,
                      pad_id=0, seed=16)
     return policy, ref, value, cfg, ro
@@ -60,9 +60,28 @@ def test_rollout_batch_really_is_ragged():
     assert lengths.unique().numel() >= 3 and int(lengths.min()) < ro.response_ids.shape[1]
 
 
+@pytest.mark.parametrize("forward_batch_size,want", [(16, [3, 4]), (2, [3, 2, 2]), (1, [3, 1, 1, 1, 1])])
+def test_rollout_forward_passes_start_with_the_first_minibatch(monkeypatch, forward_batch_size, want):
+    """The rollout runs the first PPO minibatch's rows in a pass of their own (what makes the first update's
+    recomputation bit for bit equal), then the other rows forward_batch_size at a time, the same passes for policy
+    and reference (a reference equal to the policy then gives KL exactly 0)."""
+    calls = []
+    real = ppo.policy_logprobs
+
+    def spy(model, ids, *args):
+        calls.append((id(model), ids.shape[0]))
+        return real(model, ids, *args)
+
+    monkeypatch.setattr(ppo, "policy_logprobs", spy)
+    policy, ref, *_ = padded_rollout(forward_batch_size=forward_batch_size)  # 7 rows, minibatch_size 3
+    assert [rows for model, rows in calls if model == id(policy)] == want
+    assert [rows for model, rows in calls if model == id(ref)] == want
+
+
+@pytest.mark.parametrize("forward_batch_size", [16, 2], ids=["one_pass_after_the_first", "passes_of_2"])
 @pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PROMPTS], ids=["no_shared_prefix", "shared_prefix"])
-def test_ratio_is_one_and_kl_zero_before_the_first_update(prompts):
-    policy, ref, value, cfg, ro = padded_rollout(prompts=prompts)
+def test_ratio_is_one_and_kl_zero_before_the_first_update(prompts, forward_batch_size):
+    policy, ref, value, cfg, ro = padded_rollout(prompts=prompts, forward_batch_size=forward_batch_size)
     ppo.compute_advantages(ro, beta=0.1, cfg=cfg)
     m = ro.response_mask.bool()
     # KL against the reference (a copy of the policy) is exactly 0 on every token
@@ -70,12 +89,17 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(prompts):
     assert torch.equal(ro.kl, torch.zeros_like(ro.kl))
     # the sampler (KV cache, token by token) and the full forward agree up to float32 rounding
     assert (ro.sample_logprobs - ro.logprobs)[m].abs().max() < 1e-5
-    # every minibatch of the first epoch, forwarded with gradients on, reproduces the old log-probs bit for bit
+    # the first minibatch, forwarded with gradients on, reproduces the old log-probs bit for bit (the rollout ran
+    # its rows in a pass of their own); the others agree to float32 rounding (other passes, other product shapes)
     ids, mask, P = ro.input_ids, ro.attention_mask, ro.query_ids.shape[1]
     for rows in [slice(0, 3), slice(3, 6), slice(6, 7)]:
         logp, _ = ppo.policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
         assert logp.requires_grad
-        assert torch.equal(torch.where(m[rows], logp.detach(), 0.0), ro.logprobs[rows])
+        logp = torch.where(m[rows], logp.detach(), 0.0)
+        if rows.start == 0:
+            assert torch.equal(logp, ro.logprobs[rows])
+        else:
+            assert torch.allclose(logp, ro.logprobs[rows], atol=1e-5, rtol=0)
     # and ppo_step measures the same before its first optimizer step
     state = ppo.init_state(policy, ref, value, cfg)
     stats = ppo.ppo_step(policy, value, state.policy_opt, state.value_opt, ro, cfg)
@@ -288,3 +312,21 @@ def test_train_rl_help(capsys):
     text = capsys.readouterr().out
     for flag in ("--pm", "--red-team-fraction", "--kl-target", "--truncation-penalty", "--save-every", "--seed"):
         assert flag in text
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "within_the_norm"])
+def test_clip_grad_norm_equals_torch(max_norm):
+    """ppo.clip_grad_norm gives torch.nn.utils.clip_grad_norm_'s norm and gradients bit for bit, clipping or not."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+    ours = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for a, b, x in zip(ours, theirs, grads):
+        a.grad, b.grad = x.clone(), x.clone()
+    norm = ppo.clip_grad_norm(ours, max_norm)
+    assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    if max_norm < norm:
+        assert torch.cat([a.grad.flatten() for a in ours]).norm() < norm
+    else:
+        assert all(torch.equal(a.grad, x) for a, x in zip(ours, grads))
