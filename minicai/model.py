@@ -262,7 +262,7 @@ class KVCache:
 
 
 @dataclass
-class PackedRows:
+class FlatRows:
     """How one forward pass lays out B rows of T tokens (with padding, and maybe a prefix of L tokens they all start
     with) as one sequence: the prefix once, then only the rows' real tokens, row after row.
 
@@ -279,7 +279,7 @@ class PackedRows:
     bias: torch.Tensor | None  # [1, 1, groups * L, L] additive causal mask of the prefix over itself (None if L = 0)
 
     def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows' tokens of a packed tensor back into their [B, T] places: [..., L + n, X] -> [B, ..., T, X],
+        """The rows' tokens of a flat tensor back into their [B, T] places: [..., L + n, X] -> [B, ..., T, X],
         zeros at padding (a tensor with a heads axis [1, heads, L + n, Dh] becomes [B, heads, T, Dh])."""
         t = t[0, ..., self.length :, :]  # [..., n, X]
         if self.real is not None:
@@ -289,7 +289,7 @@ class PackedRows:
         return t.movedim(-3, 0)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows' real tokens, in packed order: [B, T, ...] -> [n, ...] (the inverse of scatter)."""
+        """The rows' real tokens, in flat order: [B, T, ...] -> [n, ...] (the inverse of scatter)."""
         t = t.flatten(0, 1)
         return t if self.real is None else t.index_select(0, self.real)
 
@@ -329,9 +329,9 @@ class Attention(nn.Module):
         self.packed: dict | None = None  # packed decoding weights, set only inside Transformer.decoding
 
     def forward(self, x, cos, sin, attn_bias, cache: KVCache | None = None, layer: int = 0,
-                packed: PackedRows | None = None):
+                flat: FlatRows | None = None):
         # x: [B, T, D]; attn_bias: [B, 1, groups * T, S] additive mask, S = the keys attended to (the cache's filled
-        # length with a cache, else T). Packed, x is [1, L + n, D] (PackedRows) and attn_bias is the rows' mask over
+        # length with a cache, else T). Flattened, x is [1, L + n, D] (FlatRows) and attn_bias is the rows' mask over
         # [prefix | own tokens]: [B, 1, groups * T, L + T].
         B, T, _ = x.shape
         c = self.c
@@ -346,15 +346,15 @@ class Attention(nn.Module):
             k = apply_rope(linear(self.k_proj, x).view(B, T, Hkv, Dh), cos, sin)  # [B, T, Hkv, Dh]
             v = linear(self.v_proj, x).view(B, T, Hkv, Dh)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, heads, T, Dh]
-        if packed is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
-            L = packed.length
-            k_rows, v_rows = packed.scatter(k), packed.scatter(v)  # [B, Hkv, T, Dh]
+        if flat is not None:  # the prefix attends to itself; each row to the prefix, then to its own tokens
+            L = flat.length
+            k_rows, v_rows = flat.scatter(k), flat.scatter(v)  # [B, Hkv, T, Dh]
             if L:
-                k_rows = torch.cat([k[:, :, :L].expand(packed.rows, -1, -1, -1), k_rows], dim=2)  # [B, Hkv, L+T, Dh]
-                v_rows = torch.cat([v[:, :, :L].expand(packed.rows, -1, -1, -1), v_rows], dim=2)
-            y = packed.gather(attend(packed.scatter(q), k_rows, v_rows, attn_bias))  # [n, H * Dh]
+                k_rows = torch.cat([k[:, :, :L].expand(flat.rows, -1, -1, -1), k_rows], dim=2)  # [B, Hkv, L+T, Dh]
+                v_rows = torch.cat([v[:, :, :L].expand(flat.rows, -1, -1, -1), v_rows], dim=2)
+            y = flat.gather(attend(flat.scatter(q), k_rows, v_rows, attn_bias))  # [n, H * Dh]
             if L:
-                y = torch.cat([attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], packed.bias)[0], y])  # [L + n, H * Dh]
+                y = torch.cat([attend(q[:, :, :L], k[:, :, :L], v[:, :, :L], flat.bias)[0], y])  # [L + n, H * Dh]
             y = y[None]
         else:
             if cache is not None:  # write this step's keys/values into the buffers, attend over everything so far
@@ -392,8 +392,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0, packed=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer, packed)
+    def forward(self, x, cos, sin, attn_bias, cache=None, layer=0, flat=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_bias, cache, layer, flat)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -431,14 +431,14 @@ class Transformer(nn.Module):
         With a cache: the T new tokens continue the cached sequence (and are written into it).
         With a prefix (token ids [L]): every row continues the same prefix, as if it were [prefix | row], and the
         prefix is computed once for all rows; gradients flow through it into every weight.
-        Without a cache, only real tokens are computed (PackedRows): the hidden states at padding are zeros.
+        Without a cache, only real tokens are computed (FlatRows): the hidden states at padding are zeros.
         In every case `attention_mask` covers only the T new tokens, and only their hidden states are returned."""
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
         new_mask = attention_mask.bool()
-        packed = None
+        flat = None
         if cache is not None:
             start = cache.length
             cache.key_mask[:, start : start + T] = new_mask
@@ -451,20 +451,20 @@ class Transformer(nn.Module):
             if start or padded:
                 real = new_mask.flatten().nonzero().squeeze(1) if padded else None
                 bias = self._attention_bias(key_mask[:1, :start], start) if start else None
-                packed = PackedRows(start, B, T, real, bias)
+                flat = FlatRows(start, B, T, real, bias)
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, T]
         attn_bias = self._attention_bias(key_mask, T)  # one mask for every layer
-        if packed is not None:  # one sequence of L + n tokens: the prefix, then the rows' real tokens
-            input_ids = torch.cat([prefix, packed.gather(input_ids)])[None]  # [1, L + n]
-            positions = torch.cat([torch.arange(start, device=device), packed.gather(positions)])[None]
+        if flat is not None:  # one sequence of L + n tokens: the prefix, then the rows' real tokens
+            input_ids = torch.cat([prefix, flat.gather(input_ids)])[None]  # [1, L + n]
+            positions = torch.cat([torch.arange(start, device=device), flat.gather(positions)])[None]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
         x = self.model["embed_tokens"](input_ids)
         for i, block in enumerate(self.model["layers"]):
-            x = block(x, cos, sin, attn_bias, cache, i, packed)
+            x = block(x, cos, sin, attn_bias, cache, i, flat)
         if cache is not None:
             cache.length += T
         x = self.model["norm"](x)
-        return x if packed is None else packed.scatter(x)  # [B, T, D]
+        return x if flat is None else flat.scatter(x)  # [B, T, D]
 
     def _attention_bias(self, key_mask: torch.Tensor, T: int) -> torch.Tensor:
         """The additive attention mask of the last T of S positions: key_mask [B, S] (True = real token) ->

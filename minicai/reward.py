@@ -51,7 +51,7 @@ class RewardModel(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these).
-        prefix: optional token ids [L] every row starts with, computed once (model.PackedRows)."""
+        prefix: optional token ids [L] every row starts with, computed once (model.FlatRows)."""
         hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
 

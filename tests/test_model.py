@@ -127,6 +127,29 @@ def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
         assert (g_shared[name] - g_whole[name]).abs().max().item() < 1e-10, name
 
 
+def test_padding_is_not_computed():
+    """A padded batch runs its real tokens only, as one sequence [1, n, D]; each row equals the row alone (float64),
+    and a batch without padding keeps its [B, T] shape."""
+    ids, mask = left_padded_batch()
+    model = random_model(tiny_config(vocab_size=97), seed=5, dtype=torch.float64)
+    seen = []
+    model.model["layers"][0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        h = model.hidden_states(ids, mask)
+        assert seen == [(1, int(mask.sum()), 32)]
+        assert (h[~mask.bool()] == 0).all()
+        for i in range(ids.shape[0]):
+            real = mask[i].bool()
+            alone = model.hidden_states(ids[i : i + 1, real])
+            assert (h[i, real] - alone[0]).abs().max() < 1e-12
+        seen.clear()
+        model.hidden_states(ids[:1], mask[:1])  # row 0 has no padding
+        assert seen == [(1, ids.shape[1], 32)]
+        seen.clear()
+        model.hidden_states(ids[:, 9:], mask[:, 9:])  # no padding left in any row
+        assert seen == [(3, 5, 32)]
+
+
 def test_shared_prefix_runs_once_through_every_layer():
     """With a prefix of L tokens and B rows of T holding n real tokens, each layer sees one sequence of L + n tokens
     (the prefix once, no padding), and a prefix that changes changes every row (the rows really attend to it)."""
