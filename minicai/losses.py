@@ -93,6 +93,12 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def temper(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature: the sampling distribution's logits. At temperature 1 the logits themselves (dividing by
+    1 is exactly the identity, so this only skips a pass over a [..., V] tensor)."""
+    return logits if temperature == 1 else logits / temperature
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / temperature)[token] at every position: [B, T, V], [B, T] -> [B, T].
 
@@ -102,9 +108,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
         raise ValueError(f"temperature must be > 0, got {temperature}; greedy decoding has no log-probabilities")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; want [B,T,V], [B,T]")
-    z = logits.to(_compute_dtype(logits))  # [B, T, V]
-    if temperature != 1.0:  # (x / 1 == x exactly: skip a pass over the [B, T, V] logits)
-        z = z / temperature
+    z = temper(logits.to(_compute_dtype(logits)), temperature)  # [B, T, V]
     picked = z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
     return picked - torch.logsumexp(z, dim=-1)
 

@@ -51,6 +51,7 @@ from minicai.losses import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    temper,
     token_logprobs,
     whiten,
 )
@@ -370,8 +371,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
-                tempered = logits.detach().float()  # (no copy for float32 logits at temperature 1)
-                entropy = entropy_from_logits(tempered / cfg.temperature if cfg.temperature != 1 else tempered, m)
+                entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
             del logits
             # value model: clipped regression onto the GAE returns
             v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minicai.losses import temper
 from minicai.model import shared_prefix_length
 
 
@@ -41,8 +42,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     """The sampling distribution's logits [B, V]: divided by the temperature, then top-k and nucleus (top-p) cuts
     (removed tokens get -inf). temperature 0 means greedy and leaves the logits untempered."""
     logits = logits.float()
-    if temperature > 0 and temperature != 1:
-        logits = logits / temperature
+    if temperature > 0:
+        logits = temper(logits, temperature)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -425,3 +425,9 @@ def test_fixed_kl_controller():
     ctl = L.FixedKLController(beta=0.05)
     ctl.update(100.0, 512)
     assert ctl.beta == 0.05
+
+
+def test_temper_divides_by_the_temperature_and_leaves_temperature_1_alone():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    assert torch.equal(L.temper(logits, 0.5), torch.tensor([[4.0, -2.0, 1.0]]))
+    assert L.temper(logits, 1.0) is logits  # no pass over the logits at all
