@@ -254,13 +254,14 @@ def rollout(
     # log-probs bit for bit (ratio exactly 1). Policy and reference take the same passes, so a reference equal to
     # the policy gives a KL of exactly 0.
     first = min(cfg.minibatch_size, B)
-    passes = [slice(0, first)] + [slice(first + c.start, first + c.stop) for c in _chunks(B - first, cfg.forward_batch_size)]
+    rest = _chunks(B - first, cfg.forward_batch_size)
+    passes = [slice(0, first)] + [slice(first + c.start, first + c.stop) for c in rest]
     logp, ref_logp, values = [], [], []
     for rows in passes:
         logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
         ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
         values.append(response_values(value_model, ids[rows], mask[rows], P, prefix_ids))
-    responses = [response_ids(gen, i, stop_ids) for i in range(len(prompt_ids))]
+    responses = [response_ids(gen, i, stop_ids) for i in range(B)]
     scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(policy.device)
     if scores.shape != (len(prompt_ids),):
         raise ValueError(f"reward_fn returned shape {tuple(scores.shape)}, want [{len(prompt_ids)}]")
