@@ -44,7 +44,7 @@ from minicai import MinicaiError, run
 from minicai.data import iter_jsonl, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
-from minicai.ppo import policy_logprobs
+from minicai.ppo import clip_grad_norm, policy_logprobs
 from minicai.reward import pad_batch
 from minicai.sampling import left_pad
 from minicai.sft import lr_at, micro_batches, total_steps, warmup_steps
@@ -348,6 +348,28 @@ def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int, 
             "log_ratio_max_abs": float(log_ratio.abs().max())}
 
 
+def make_optimizer(policy, cfg: DPOConfig) -> torch.optim.Optimizer:
+    """AdamW over the policy (fused: one kernel per parameter group, as in minicai/ppo.py)."""
+    return torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                             fused=True)
+
+
+def dpo_step(policy, ref_model, opt, batches: list[PairBatch], cfg: DPOConfig, autocast) -> dict:
+    """One optimizer step: the loss of each micro-batch, averaged over them (equal weight per micro-batch), one
+    gradient-norm clip and one AdamW step. Returns the micro-batches' mean statistics, grad_norm and tokens."""
+    sums = {}
+    for batch in batches:
+        loss, batch_stats = dpo_batch_loss(policy, ref_model, batch, cfg, autocast)
+        (loss / len(batches)).backward()
+        for k, v in {"loss": float(loss.detach()), **batch_stats}.items():
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = clip_grad_norm(params, cfg.clip if cfg.clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {**sums, "grad_norm": float(grad_norm), "tokens": sum(b.tokens for b in batches)}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: <out>/checkpoints/step_000010/{policy/, trainer_state.pt}
 
@@ -417,7 +439,7 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
                            "fix: label more pairs or raise --max-len")
     ref_model.requires_grad_(False).eval()
     policy.requires_grad_(True).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(policy, cfg)
     steps = total_steps(len(train), cfg)
     warm = warmup_steps(cfg.warmup, steps)
     checkpoints = out / "checkpoints"
@@ -447,21 +469,13 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
         lr = lr_at(step, steps, cfg.lr, warm, cfg.schedule, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        sums, tokens = {}, 0
-        for _ in range(cfg.grad_accum):
-            epoch, idx, _ = next(stream)
-            batch = collate_pairs([train[i] for i in idx], tok.pad_id, policy.device)
-            loss, batch_stats = dpo_batch_loss(policy, ref_model, batch, cfg, autocast)
-            (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": float(loss.detach()), **batch_stats}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            tokens += batch.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        epoch = micro[-1][0]
+        batches = [collate_pairs([train[i] for i in idx], tok.pad_id, policy.device) for _, idx, _ in micro]
+        step_stats = dpo_step(policy, ref_model, opt, batches, cfg, autocast)
         dt = time.perf_counter() - t0
-        stats = {"phase": "dpo", "step": step + 1, "epoch": epoch, **sums, "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": tokens, "tokens_per_s": tokens / dt, "seconds": dt}
+        stats = {"phase": "dpo", "step": step + 1, "epoch": epoch, **step_stats, "lr": lr,
+                 "tokens_per_s": step_stats["tokens"] / dt, "seconds": dt}
         run.log_metrics(out, stats)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}",
                         margin=f"{stats['reward_margin']:.3f}")

@@ -407,9 +407,9 @@ def dpo_loss(
     """Soft-label DPO loss, mean over the batch: -[p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h)].
 
     h = dpo_log_ratio_difference(...), p = P(A is better) [B]. Rafailov et al. 2023, eq. 7 is the hard-label case
-    p = 1 (A the chosen response). Label smoothing eps (the "conservative DPO" of Mitchell 2023 and TRL's
-    label_smoothing) moves every label toward 1/2: p -> eps + (1 - 2 eps) p, so a hard label becomes 1 - eps;
-    eps = 0 (default) leaves p as it is.
+    p = 1 (A the chosen response). Label smoothing eps, the "conservative DPO" (cDPO) of Mitchell 2023 ("A note on
+    DPO with noisy preferences"), moves every label toward 1/2: p -> eps + (1 - 2 eps) p, so a hard label becomes
+    1 - eps; eps = 0 (default) leaves p as it is.
 
     Which setting is paper-faithful for Constitutional AI: soft labels with eps = 0. Bai et al. 2022, section 4.1,
     trains the PM on soft targets, the feedback model's normalised probabilities of (A) and (B) (clamped to 40-60%
