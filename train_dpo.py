@@ -329,20 +329,19 @@ def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int, 
         return {"n": 0}
     was_training = policy.training
     policy.eval()
-    r_a, r_b, p_a, log_ratio = [], [], [], []
+    columns = {"logp_a": [], "logp_b": [], "ref_a": [], "ref_b": [], "p_a": []}
     for s in range(0, len(pairs), cfg.eval_batch_size):
         batch = collate_pairs(pairs[s : s + cfg.eval_batch_size], pad_id, policy.device)
         with autocast():
-            (ref_a, ref_b), (logp_a, logp_b) = response_logprobs(ref_model, batch), response_logprobs(policy, batch)
-        r_a.append(dpo_implicit_rewards(logp_a, ref_a, cfg.beta).double().cpu())
-        r_b.append(dpo_implicit_rewards(logp_b, ref_b, cfg.beta).double().cpu())
-        p_a.append(batch.p_a.double().cpu())
-        log_ratio.append(torch.cat([logp_a - ref_a, logp_b - ref_b]).double().cpu())
+            ref_a, ref_b = response_logprobs(ref_model, batch)
+            logp_a, logp_b = response_logprobs(policy, batch)
+        for name, x in zip(columns, (logp_a, logp_b, ref_a, ref_b, batch.p_a)):
+            columns[name].append(x.double().cpu())
     policy.train(was_training)
-    r_a, r_b, p_a, log_ratio = torch.cat(r_a), torch.cat(r_b), torch.cat(p_a), torch.cat(log_ratio)
-    # the loss from the implicit rewards: beta h = r_a - r_b (dpo_loss with log-ratios r / beta and zero references)
-    zero = torch.zeros_like(r_a)
-    loss = dpo_loss(r_a / cfg.beta, r_b / cfg.beta, zero, zero, p_a, cfg.beta, cfg.label_smoothing)
+    logp_a, logp_b, ref_a, ref_b, p_a = (torch.cat(x) for x in columns.values())  # [N] each, float64
+    r_a, r_b = dpo_implicit_rewards(logp_a, ref_a, cfg.beta), dpo_implicit_rewards(logp_b, ref_b, cfg.beta)
+    log_ratio = torch.cat([logp_a - ref_a, logp_b - ref_b])  # [2N]
+    loss = dpo_loss(logp_a, logp_b, ref_a, ref_b, p_a, cfg.beta, cfg.label_smoothing)
     return {"n": len(pairs), "loss": float(loss), "accuracy": preference_accuracy(r_a, r_b, p_a),
             "reward_margin": reward_margin(r_a, r_b, p_a), "log_ratio_mean": float(log_ratio.mean()),
             "log_ratio_max_abs": float(log_ratio.abs().max())}
@@ -455,7 +454,7 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
             evals[step] = evaluate(policy, ref_model, held_out, cfg, tok.pad_id, autocast)
             run.log_metrics(out, {"phase": "dpo_eval", "step": step, **evals[step]})
             tqdm.write(f"step {step}: held-out accuracy {evals[step]['accuracy']:.3f}, reward margin "
-                       f"{evals[step]['reward_margin']:.4f}, loss {evals[step]['loss']:.4f}")
+                       f"{evals[step]['reward_margin']:.3g}, loss {evals[step]['loss']:.4f}")
 
     if start == 0:
         held_out_eval(0)
@@ -555,7 +554,7 @@ def main(argv=None) -> None:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ is complete: nothing left to resume
     after = summary["held_out"]["after"]
     if after:
-        print(f"held-out: accuracy {after['accuracy']:.3f} (ties wrong), reward margin {after['reward_margin']:.4f}, "
+        print(f"held-out: accuracy {after['accuracy']:.3f} (ties wrong), reward margin {after['reward_margin']:.3g}, "
               f"mean log pi/pi_ref {after['log_ratio_mean']:.3f}")
     print(f"policy saved to {out / 'model'}; summary -> {out / 'summary.json'} ({summary['seconds']:.0f}s)")
 

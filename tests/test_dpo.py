@@ -214,6 +214,23 @@ def marker_logprob(model, pairs) -> float:
     return sum(float(torch.log_softmax(model(torch.tensor([p.prompt]))[0, -1], -1)[MARKER]) for p in pairs) / len(pairs)
 
 
+def test_response_logprobs_of_a_ragged_batch_equal_one_row_at_a_time():
+    """The batched layout (shared opening once, left-padded prompts, right-padded responses, LM head on response
+    positions only) gives each response's log-prob as a plain forward pass over [prompt | response] alone does."""
+    T = import_train_dpo()
+    model = random_model(tiny_config(vocab_size=64), seed=3, dtype=torch.float64)
+    pairs = [T.Pair(i, [1, 4, 5] + p.prompt, p.response_a, p.response_b, p.p_a)  # [1, 4, 5]: a shared opening
+             for i, p in enumerate(marker_pairs(5, seed=2))]
+    batch = T.collate_pairs(pairs, pad_id=0, device="cpu")
+    assert batch.prefix.tolist() == [1, 4, 5, 1] and batch.mask.float().mean() < 0.9  # really shared and padded
+    logp_a, logp_b = T.response_logprobs(model, batch)
+    for p, got_a, got_b in zip(pairs, logp_a, logp_b):
+        for response, got in ((p.response_a, got_a), (p.response_b, got_b)):
+            ids = torch.tensor([p.prompt + response])
+            logp = L.sequence_logprobs(model(ids), ids)[0, len(p.prompt) - 1 :]  # the response tokens' log-probs
+            close(got, logp.sum(), tol=1e-10)
+
+
 def test_dpo_learns_a_marker_preference_and_the_soft_label_keeps_the_log_ratio_bounded(tmp_path):
     """Soft labels p = 0.8: held-out accuracy 1.0 on responses never seen, and the implicit reward margin settles at
     the loss's finite minimum, beta h = logit(0.8) = log 4, instead of growing: the policy stays near the reference."""
