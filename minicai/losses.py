@@ -367,3 +367,76 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.beta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO (Rafailov et al. 2023, arXiv 2305.18290), on the same AI-labelled pairs as the preference model
+#
+# DPO skips the preference model: the policy's own log-ratio to the frozen reference, scaled by beta, plays the
+# part of the PM score (the "implicit reward", eq. 5), and the Bradley-Terry loss is applied to it directly (eq. 7).
+# Sequence log-probs below are sums over the response tokens: log pi(y|x) = sum_t log pi(y_t | x, y_<t).
+# The preference accuracy of implicit rewards is `preference_accuracy` above, applied to dpo_implicit_rewards.
+
+
+def dpo_implicit_rewards(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """DPO's implicit reward of each response, beta * (log pi(y|x) - log pi_ref(y|x)): [B], [B] -> [B].
+
+    Rafailov et al. 2023, eq. 5, without the term beta * log Z(x), which is the same for both responses to a prompt
+    and cancels in every comparison. 0 for every response while the policy equals the reference."""
+    _check_shapes(logp=logp, ref_logp=ref_logp)
+    return beta * (logp - ref_logp)
+
+
+def dpo_log_ratio_difference(logp_a: Tensor, logp_b: Tensor, ref_logp_a: Tensor, ref_logp_b: Tensor) -> Tensor:
+    """h = (log pi(y_A) - log pi_ref(y_A)) - (log pi(y_B) - log pi_ref(y_B)): [B] x 4 -> [B].
+
+    The argument of the sigmoid in eq. 7 (times beta); positive when the policy has moved toward A more than B."""
+    _check_shapes(logp_a=logp_a, logp_b=logp_b, ref_logp_a=ref_logp_a, ref_logp_b=ref_logp_b)
+    return (logp_a - ref_logp_a) - (logp_b - ref_logp_b)
+
+
+def dpo_loss(
+    logp_a: Tensor,
+    logp_b: Tensor,
+    ref_logp_a: Tensor,
+    ref_logp_b: Tensor,
+    p_a: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Soft-label DPO loss, mean over the batch: -[p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h)].
+
+    h = dpo_log_ratio_difference(...), p = P(A is better) [B]. Rafailov et al. 2023, eq. 7 is the hard-label case
+    p = 1 (A the chosen response). Label smoothing eps, the "conservative DPO" (cDPO) of Mitchell 2023 ("A note on
+    DPO with noisy preferences"), moves every label toward 1/2: p -> eps + (1 - 2 eps) p, so a hard label becomes
+    1 - eps; eps = 0 (default) leaves p as it is.
+
+    Which setting is paper-faithful for Constitutional AI: soft labels with eps = 0. Bai et al. 2022, section 4.1,
+    trains the PM on soft targets, the feedback model's normalised probabilities of (A) and (B) (clamped to 40-60%
+    with chain of thought), never on their argmax. This loss is that same Bradley-Terry loss (bradley_terry_loss)
+    with the implicit reward beta * log(pi / pi_ref) in place of the PM's score, so DPO fits exactly the
+    preferences the paper's PM fits. Hard labels throw away the feedback model's confidence, and with them the loss
+    keeps falling as |h| grows without bound; a soft label p is minimised at the finite sigmoid(beta h) = p.
+
+    log sigmoid is computed with F.logsigmoid, so the loss stays finite for any |beta h|. float64 stays float64."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    _check_shapes(logp_a=logp_a, p_a=p_a)
+    z = beta * dpo_log_ratio_difference(logp_a, logp_b, ref_logp_a, ref_logp_b)  # [B]
+    p = label_smoothing + (1.0 - 2.0 * label_smoothing) * p_a.to(z.dtype)
+    return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z)).mean()
+
+
+def reward_margin(r_a: Tensor, r_b: Tensor, p_a: Tensor) -> float:
+    """Mean of r_better - r_worse over the decided comparisons (p_a > 0.5: A is better, p_a < 0.5: B is better;
+    p_a == 0.5 is left out), as a float. Positive when the rewards agree with the labels; nan when none are decided.
+
+    For DPO, r = dpo_implicit_rewards(...), so the margin of a pair is beta * h, oriented by its label."""
+    _check_shapes(r_a=r_a, r_b=r_b, p_a=p_a)
+    keep = p_a != 0.5
+    if not bool(keep.any()):
+        return float("nan")
+    margin = torch.where(p_a > 0.5, r_a - r_b, r_b - r_a)
+    return float(margin[keep].double().mean())
