@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minicai.model  # noqa: E402
+from minicai.fast import keep_freed_memory  # noqa: E402
 from minicai.model import Transformer  # noqa: E402
 from minicai.sampling import generate  # noqa: E402
 from minicai.tokenizer import ChatTokenizer  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
                         help="also time minicai without packed decoding weights and without the shared prefix")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as minicai's scripts do on the CPU (run.setup); transformers runs in this process too
     import transformers
 
     path = resolve_model(args.model)

@@ -169,7 +169,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from minicai.fast import keep_freed_memory
     from minicai.weights import resolve_model
+
+    keep_freed_memory()  # both sides, as minicai's training scripts do on the CPU (run.setup)
 
     model_dir = resolve_model(args.model)
     if args.side:

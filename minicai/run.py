@@ -61,11 +61,16 @@ def resolve_dtype(arg: str | None, device: torch.device) -> torch.dtype:
 
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
-    """Seed everything, set threads, pick device and dtype from the common flags."""
+    """Seed everything, set threads, pick device and dtype from the common flags. On the CPU, also tell malloc
+    to keep freed memory (fast.keep_freed_memory: a process-wide setting, so a script turns it on, not an import)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        from minicai.fast import keep_freed_memory
+
+        keep_freed_memory()
     return device, resolve_dtype(args.dtype, device)
 
 
