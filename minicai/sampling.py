@@ -112,7 +112,7 @@ def generate(
 
     # inference_mode: like no_grad, and it also skips autograd's bookkeeping on every tensor (version counters,
     # view tracking), which is a measurable part of a decoding step's many small operations
-    with torch.inference_mode(), model.decoding(B):  # packed weights for the CPU (model.Transformer.decoding)
+    with torch.inference_mode(), model.decoding(B):  # a no-op in model.py; packed weights in fast.py
         cache = model.new_cache(B, L + P + max_new_tokens)
         if L:
             cache.copy_prefix(model.encode_prefix(prompts[0][:L]))
