@@ -2,7 +2,8 @@
 
   compare  initial vs SL-CAI vs RL-CAI (or any models) on held-out prompt sets: PM scores, judged win rates and
            Elo (both orders), evasiveness, toxicity, judge strength; writes runs/report/report.md + plots
-           (minicai/compare.py; the paper's Figures 2, 5 and 8 at small scale)
+           (minicai/compare.py runs it, minicai/stats.py holds the statistics, minicai/report.py writes the report;
+           the paper's Figures 2, 5 and 8 at small scale)
   hhh   accuracy on the paper's 438 helpful/honest/harmless binary comparisons (Bai et al. 2022, Figure 4), asked
         as multiple-choice questions and scored with the same code as the AI-feedback labels (minicai/feedback.py).
 
@@ -45,6 +46,7 @@ def add_hhh_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16", "fp64"),
                    help="model dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-fast", action="store_true", help="on the CPU, run model.py's reference path (slower)")
     p.set_defaults(func=run_hhh, seed=0)
 
 
@@ -58,7 +60,7 @@ def run_hhh(args) -> dict:
     if args.limit is not None and args.limit <= 0:
         raise MinicaiError(f"--limit {args.limit}: must be a positive number of records")
     records = read_hhh(args.file, args.limit)
-    model, tok, path = load_model_and_tokenizer(args.model, device, dtype)
+    model, tok, path = load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
     total = len(records) * (1 if args.no_debias else 2)
     start = time.time()
     with tqdm(total=total, desc="hhh", unit="q") as bar:

@@ -2,7 +2,6 @@
 strict, saving round-trips, damaged files are named. (fast.py is held to this model in test_fast.py.)"""
 
 import json
-import shutil
 
 import pytest
 import torch
