@@ -210,6 +210,7 @@ def save_model(model: Transformer, path) -> None:
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     tmp = path / f".model.safetensors.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # an ordinary output file, like config.json
     os.replace(tmp, path / "model.safetensors")
     stale_index = path / "model.safetensors.index.json"
     if stale_index.exists():

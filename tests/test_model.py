@@ -262,3 +262,28 @@ def test_shard_index_that_is_not_json_or_has_no_weight_map(tmp_path):
     index.write_text("{}")
     with pytest.raises(MinicaiError, match=r"index\.json: no 'weight_map'"):
         Transformer.from_pretrained(path)
+
+
+# ---- the tiny model for stepping through ---------------------------------------------------------------------------
+
+def test_tiny_model_command_makes_a_small_model_with_the_default_tokenizer(tmp_path):
+    """`python -m minicai.weights --tiny DIR`: a random 2-layer model with the default model's tokenizer and chat
+    template, small enough that every stage runs on it in seconds (README: "Stepping through in seconds")."""
+    from minicai import weights
+    from minicai.sampling import generate
+    from minicai.tokenizer import ChatTokenizer
+
+    default = weights.cache_dir() / "models" / weights.DEFAULT_MODEL_NAME
+    if not (default / "config.json").is_file():
+        pytest.skip("the default model is not in the cache (python -m minicai.weights fetches it once)")
+    assert weights.main(["--tiny", str(tmp_path / "tiny")]) == 0
+    model = Transformer.from_pretrained(tmp_path / "tiny")
+    tok, ref = ChatTokenizer.from_dir(tmp_path / "tiny"), ChatTokenizer.from_dir(default)
+    assert model.config.num_layers == 2 and sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert model.config.vocab_size == ref.vocab_size == tok.vocab_size
+    chat = [{"role": "user", "content": "Hi"}]
+    assert tok.render(chat, add_generation_prompt=True) == ref.render(chat, add_generation_prompt=True)
+    gen = generate(model, [tok.render(chat, add_generation_prompt=True)], 3, temperature=0, stop_ids=(),
+                   pad_id=tok.pad_id)
+    assert gen.tokens.shape == (1, 3)
+    assert oct((tmp_path / "tiny" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
