@@ -52,7 +52,7 @@ def make_fast(model: Transformer) -> Transformer:
     if model.device.type != "cpu" or isinstance(model, FastTransformer):
         return model
     for module in model.modules():
-        if type(module) is nn.Linear and ONEDNN_LINEAR:
+        if type(module) is nn.Linear and ONEDNN_LINEAR and module is not model.lm_head:  # the head: `logits`
             module.__class__ = OneDNNLinear
         elif type(module) in (Attention, MLP):
             module.__class__ = FastAttention if type(module) is Attention else FastMLP
@@ -92,16 +92,21 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-class OneDNNLinear(nn.Linear):
-    """nn.Linear whose product goes through oneDNN on the CPU (float32/bfloat16): faster than torch's default CPU
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), with the product through oneDNN on the CPU (float32/bfloat16): faster than torch's default CPU
     product at this project's shapes (a few hundred tokens by 576-1536 features). Equal to F.linear up to float
     rounding; the same inputs always give the same bits, with or without autograd. Elsewhere it is F.linear."""
+    w = layer.weight
+    if ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+        return _OneDNNLinear.apply(x, w, layer.bias)
+    return F.linear(x, w, layer.bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear through `linear` (oneDNN on the CPU); the projections inside the blocks become these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
-            return _OneDNNLinear.apply(x, w, self.bias)
-        return F.linear(x, w, self.bias)
+        return linear(self, x)
 
 
 @dataclass
@@ -262,7 +267,7 @@ class FastTransformer(Transformer):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]."""
-        return packed_linear(hidden, self.packed_head) if self.packed_head is not None else self.lm_head(hidden)
+        return packed_linear(hidden, self.packed_head) if self.packed_head is not None else linear(self.lm_head, hidden)
 
     @contextmanager
     def decoding(self, batch: int):

@@ -15,6 +15,7 @@ shared prefix once, packed decoding weights, oneDNN products); tests/test_fast.p
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -113,6 +114,21 @@ class KVCache:
         self.k[layer][:, :, start : start + T] = k
         self.v[layer][:, :, start : start + T] = v
         return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
+
+    def repeat_rows(self, repeats: int, max_len: int) -> "KVCache":
+        """A new cache of B * repeats rows with room for max_len positions, row i * repeats + r starting as row i
+        of this one: one prompt, computed once, continued several ways (feedback.option_logprobs)."""
+        n, rows = self.length, self.key_mask.shape[0] * repeats
+        fork = copy.copy(self)
+        fork.k = [t.new_zeros(rows, t.shape[1], max_len, t.shape[3]) for t in self.k]
+        fork.v = [t.new_zeros(rows, t.shape[1], max_len, t.shape[3]) for t in self.v]
+        for layer in range(len(self.k)):
+            fork.k[layer][:, :, :n] = self.k[layer][:, :, :n].repeat_interleave(repeats, 0)
+            fork.v[layer][:, :, :n] = self.v[layer][:, :, :n].repeat_interleave(repeats, 0)
+        fork.key_mask = self.key_mask.new_zeros(rows, max_len)
+        fork.key_mask[:, :n] = self.key_mask[:, :n].repeat_interleave(repeats, 0)
+        fork.max_len = max_len
+        return fork
 
     def copy_prefix(self, prefix: "KVCache") -> None:
         """Start every row with the tokens of `prefix`, a filled batch-1 cache (Transformer.encode_prefix)."""

@@ -103,6 +103,27 @@ def test_kv_cache_decoding_equals_full_forward():
     assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
 
 
+def test_kv_cache_repeat_rows_continues_each_row_several_ways():
+    """A prompt cache forked K ways (row i * K + k continues row i) gives each continuation the hidden states of
+    the prompt and that continuation run whole (float64), and the original cache is left as it was."""
+    model = random_model(tiny_config(vocab_size=97), seed=3, dtype=torch.float64)
+    ids, mask = left_padded_batch()
+    options = torch.tensor([[5, 6], [7, 8]])  # K = 2 continuations of 2 tokens
+    B, T, K = ids.shape[0], ids.shape[1], options.shape[0]
+    with torch.no_grad():
+        cache = model.new_cache(B, T)
+        model.hidden_states(ids, mask, cache=cache)
+        kept = [t.clone() for t in cache.k]
+        fork = cache.repeat_rows(K, T + 2)
+        forked = model.hidden_states(options.repeat(B, 1), torch.ones(B * K, 2, dtype=torch.long), cache=fork)
+        for i in range(B):
+            for k in range(K):
+                whole = model.hidden_states(torch.cat([ids[i], options[k]])[None],
+                                            torch.cat([mask[i], torch.ones(2, dtype=mask.dtype)])[None])
+                assert (forked[i * K + k] - whole[0, T:]).abs().max().item() < 1e-12
+    assert fork.length == T + 2 and cache.length == T and all(torch.equal(a, b) for a, b in zip(kept, cache.k))
+
+
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied"])
 def test_save_pretrained_round_trips_and_loads_in_transformers(tmp_path, case):
     src = make_hf_model(tmp_path / "src", case)
