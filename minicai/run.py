@@ -35,7 +35,8 @@ def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-fast", action="store_true",
                         help="on the CPU, run model.py's reference path instead of fast.py's (same results up to "
-                             "float rounding, slower); elsewhere the reference path is always used")
+                             "float rounding, slower) and leave malloc's settings alone; elsewhere the reference "
+                             "path is always used")
 
 
 def add_prompt_args(group) -> None:

@@ -36,6 +36,10 @@ SPY = textwrap.dedent("""
     before = list(opened)
     if sys.argv[1] == "call":
         minicai.fast.keep_freed_memory()
+    if sys.argv[1].startswith("setup"):  # what a script does: run.setup with the common flags
+        import argparse, minicai.run  # noqa: E401
+        minicai.run.setup(argparse.Namespace(seed=0, device="cpu", dtype=None, threads=None,
+                                             no_fast=sys.argv[1] == "setup-no-fast"))
     print(json.dumps({"on_import": before, "after": opened}))
 """)
 
@@ -52,6 +56,13 @@ def test_import_leaves_malloc_alone():
     assert _spy("import")["on_import"] == []
     if sys.platform == "linux":
         assert "libc.so.6" in _spy("call")["after"]
+
+
+def test_scripts_turn_the_malloc_setting_on_unless_no_fast():
+    """run.setup (every script) applies fast.keep_freed_memory on the CPU; with --no-fast it leaves malloc alone."""
+    assert _spy("setup-no-fast")["after"] == []
+    if sys.platform == "linux":
+        assert "libc.so.6" in _spy("setup")["after"]
 
 
 # ---- the fast path against the reference -------------------------------------------------------------------------
