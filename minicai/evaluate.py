@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+
+from tqdm import tqdm
 
 from minicai import MinicaiError
+from minicai.compare import add_arguments, run_compare
+from minicai.feedback import hhh_evaluate, read_hhh
+from minicai.run import atomic_write_json, cli_main, load_model_and_tokenizer, setup
 
 FIGURE_4_CONTEXT = (
     "Context (paper Figure 4): pretrained language models answering these 438 questions as multiple choice get more "
@@ -51,11 +57,6 @@ def add_hhh_parser(sub) -> None:
 
 
 def run_hhh(args) -> dict:
-    from tqdm import tqdm
-
-    from minicai.feedback import hhh_evaluate, read_hhh
-    from minicai.run import atomic_write_json, load_model_and_tokenizer, setup
-
     device, dtype = setup(args)
     if args.limit is not None and args.limit <= 0:
         raise MinicaiError(f"--limit {args.limit}: must be a positive number of records")
@@ -77,8 +78,6 @@ def run_hhh(args) -> dict:
     print(f"share answering (A): {result['share_a']:.3f}  (mean P(A) {result['mean_p_a']:.3f})")
     print(FIGURE_4_CONTEXT)
     if args.out:
-        from pathlib import Path
-
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, {**summary, "logprobs": logprobs})
@@ -96,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_compare_parser(sub) -> None:
-    from minicai.compare import add_arguments, run_compare
-
     p = sub.add_parser("compare", help="compare models: PM scores, judged win rates, Elo, evasiveness, toxicity; "
                                        "writes a report", description=run_compare.__doc__)
     add_arguments(p)
@@ -110,6 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from minicai.run import cli_main
-
     cli_main(main)
