@@ -150,9 +150,9 @@ def resolve_policy(args) -> Path:
     return path
 
 
-def load(path, device, dtype):
+def load(path, device, dtype, fast: bool = True):
     """(model, tokenizer) of a model directory (None: the default model)."""
-    model, tok, _ = run.load_model_and_tokenizer(str(path) if path is not None else None, device, dtype)
+    model, tok, _ = run.load_model_and_tokenizer(str(path) if path is not None else None, device, dtype, fast)
     return model.eval(), tok
 
 
@@ -197,7 +197,7 @@ def make_pairs(args, out: Path, policy_path: Path, device, dtype) -> list[dict]:
     batches = [prompts[s : s + G] for s in range(0, len(prompts), G)]
     todo = [(b, batch) for b, batch in enumerate(batches) if any(p["id"] not in done for p in batch)]
     if todo:
-        model, tok = load(policy_path, device, dtype)
+        model, tok = load(policy_path, device, dtype, fast=not args.no_fast)
         bar = tqdm(total=sum(len(batch) for _, batch in todo), desc="pairs", unit="prompt")
         for b, batch in todo:
             t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]
     done = _read_done(path)
     todo = [p for p in pairs if p["id"] not in done]
     if todo:
-        model, tok = load(args.feedback_model or args.model, device, dtype)
+        model, tok = load(args.feedback_model or args.model, device, dtype, fast=not args.no_fast)
         bar = tqdm(total=len(todo), desc="labels", unit="pair")
         for s in range(0, len(todo), args.label_batch_size):
             t0 = time.perf_counter()
@@ -299,12 +299,12 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
     train_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     if (model_dir / "done.json").is_file() and not args.force:
         print(f"train: {model_dir} is finished (done.json); reusing it. Pass --force to train again.")
-        rm = RewardModel.from_pretrained(model_dir, dtype=dtype, device=device)
+        rm = RewardModel.from_pretrained(model_dir, dtype=dtype, device=device, fast=not args.no_fast)
         tok = ChatTokenizer.from_dir(model_dir)
         history = []
     else:
         init = Path(args.pm_init) if args.pm_init else policy_path
-        lm, tok = load(init, device, train_dtype)  # fp32 weights; bf16/fp16 runs train under autocast
+        lm, tok = load(init, device, train_dtype, fast=not args.no_fast)  # fp32 weights; bf16/fp16: autocast
         rm = RewardModel.from_lm(lm, head_init=args.head_init, seed=args.seed)
         amp = dtype if dtype != train_dtype else None
         steps = args.pm_epochs * -(-len(train) // args.pm_batch_size)

@@ -163,13 +163,13 @@ def main(argv=None) -> None:
     if args.model not in (None, "default") and not Path(args.model).is_dir():
         raise MinicaiError(f"--model {args.model}: not found. Fix: run train_sl.py first (it writes runs/sl/model), "
                            "or pass --model DIR / --model default")
-    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, dtype)
+    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
     ref_model = copy.deepcopy(policy)
     # The preference model's score is the reward. It reads responses as text, in its own chat template.
     if not Path(args.pm).is_dir():
         raise MinicaiError(f"--pm {args.pm}: not found. Fix: run train_pm.py first (it writes runs/pm/model), "
                            "or pass --pm DIR")
-    pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device)
+    pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device, fast=not args.no_fast)
     pm.requires_grad_(False).eval()
     value_model, value_init = make_value_model(policy, tok, pm, pm_tok)
     state = init_state(policy, ref_model, value_model, cfg)

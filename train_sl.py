@@ -199,7 +199,7 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
     if dtype in (torch.bfloat16, torch.float16):
         # Low-precision weights would round AdamW's small updates away: train fp32 weights under autocast.
         from minicai.model import Transformer
-        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device, fast=not args.no_fast)
         amp_dtype = dtype
     examples, dropped = build_examples(tok, items, args.max_len)
     train, heldout = split_heldout(examples, args.heldout, args.seed)
@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     def get_model():
         """Load the model once, on first need (a fully reused run never loads it)."""
         if "model" not in cache:
-            model, tok, path = run.load_model_and_tokenizer(args.model, device, dtype)
+            model, tok, path = run.load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
             cache["model"] = (model.eval(), tok, path)
         return cache["model"]
 

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import minicai.model  # noqa: E402
+import minicai.fast  # noqa: E402
+from minicai.fast import keep_freed_memory  # noqa: E402
 from minicai.model import Transformer  # noqa: E402
 from minicai.sampling import generate  # noqa: E402
 from minicai.tokenizer import ChatTokenizer  # noqa: E402
@@ -36,7 +37,7 @@ QUESTIONS = [
 ]
 
 
-PACKED = minicai.model.PACKED_DECODING
+PACKED = minicai.fast.PACKED_DECODING
 
 
 def best_time(fn, repeats: int) -> float:
@@ -59,11 +60,12 @@ def main() -> None:
                         help="also time minicai without packed decoding weights and without the shared prefix")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as minicai's scripts do on the CPU (run.setup); transformers runs in this process too
     import transformers
 
     path = resolve_model(args.model)
     tok = ChatTokenizer.from_dir(path)
-    ours = Transformer.from_pretrained(path, dtype=torch.float32)
+    ours = Transformer.from_pretrained(path, dtype=torch.float32, fast=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     print(f"model {path}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, fp32, greedy, "
@@ -99,10 +101,10 @@ def main() -> None:
         if args.ablation:  # what each decoding feature is worth, same run
             for label, packed, share in (("no packed weights", False, True), ("no shared prefix", True, False),
                                          ("neither", False, False)):
-                minicai.model.PACKED_DECODING = packed and PACKED
+                minicai.fast.PACKED_DECODING = packed and PACKED
                 t = best_time(lambda: generate(ours, prompts, args.new_tokens, temperature=0, stop_ids=(),
                                                pad_id=tok.pad_id, share_prefix=share), args.repeats)
-                minicai.model.PACKED_DECODING = PACKED
+                minicai.fast.PACKED_DECODING = PACKED
                 tps = batch * args.new_tokens / t
                 print(f"          minicai, {label:17s} {tps:7.1f} tok/s ({t:.2f} s) | ratio {tps / tps_ref:.2f}x",
                       flush=True)

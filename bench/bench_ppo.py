@@ -56,9 +56,9 @@ def run_minicai(model_dir: Path, iterations: int, rollout_batch: int) -> dict:
     from minicai.tokenizer import ChatTokenizer
 
     tok = ChatTokenizer.from_dir(model_dir)
-    policy = Transformer.from_pretrained(model_dir)
-    ref = Transformer.from_pretrained(model_dir)
-    pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir), head_init="normal", seed=0).eval()
+    policy = Transformer.from_pretrained(model_dir, fast=True)  # as the scripts load it on the CPU
+    ref = Transformer.from_pretrained(model_dir, fast=True)
+    pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir, fast=True), head_init="normal", seed=0).eval()
     value, _ = make_value_model(policy, tok, pm, tok)
     cfg = PPOConfig(batch_size=BATCH, max_new_tokens=NEW_TOKENS, ppo_epochs=1, minibatch_size=BATCH // MINIBATCHES,
                     forward_batch_size=rollout_batch,
@@ -169,7 +169,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from minicai.fast import keep_freed_memory
     from minicai.weights import resolve_model
+
+    keep_freed_memory()  # both sides, as minicai's training scripts do on the CPU (run.setup)
 
     model_dir = resolve_model(args.model)
     if args.side:

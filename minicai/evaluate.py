@@ -2,7 +2,8 @@
 
   compare  initial vs SL-CAI vs RL-CAI (or any models) on held-out prompt sets: PM scores, judged win rates and
            Elo (both orders), evasiveness, toxicity, judge strength; writes runs/report/report.md + plots
-           (minicai/compare.py; the paper's Figures 2, 5 and 8 at small scale)
+           (minicai/compare.py runs it, minicai/stats.py holds the statistics, minicai/report.py writes the report;
+           the paper's Figures 2, 5 and 8 at small scale)
   hhh   accuracy on the paper's 438 helpful/honest/harmless binary comparisons (Bai et al. 2022, Figure 4), asked
         as multiple-choice questions and scored with the same code as the AI-feedback labels (minicai/feedback.py).
 
@@ -14,8 +15,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+
+from tqdm import tqdm
 
 from minicai import MinicaiError
+from minicai.compare import add_arguments, run_compare
+from minicai.feedback import hhh_evaluate, read_hhh
+from minicai.run import atomic_write_json, cli_main, load_model_and_tokenizer, setup
 
 FIGURE_4_CONTEXT = (
     "Context (paper Figure 4): pretrained language models answering these 438 questions as multiple choice get more "
@@ -45,20 +52,16 @@ def add_hhh_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16", "fp64"),
                    help="model dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-fast", action="store_true", help="on the CPU, run model.py's reference path (slower)")
     p.set_defaults(func=run_hhh, seed=0)
 
 
 def run_hhh(args) -> dict:
-    from tqdm import tqdm
-
-    from minicai.feedback import hhh_evaluate, read_hhh
-    from minicai.run import atomic_write_json, load_model_and_tokenizer, setup
-
     device, dtype = setup(args)
     if args.limit is not None and args.limit <= 0:
         raise MinicaiError(f"--limit {args.limit}: must be a positive number of records")
     records = read_hhh(args.file, args.limit)
-    model, tok, path = load_model_and_tokenizer(args.model, device, dtype)
+    model, tok, path = load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
     total = len(records) * (1 if args.no_debias else 2)
     start = time.time()
     with tqdm(total=total, desc="hhh", unit="q") as bar:
@@ -75,8 +78,6 @@ def run_hhh(args) -> dict:
     print(f"share answering (A): {result['share_a']:.3f}  (mean P(A) {result['mean_p_a']:.3f})")
     print(FIGURE_4_CONTEXT)
     if args.out:
-        from pathlib import Path
-
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, {**summary, "logprobs": logprobs})
@@ -94,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_compare_parser(sub) -> None:
-    from minicai.compare import add_arguments, run_compare
-
     p = sub.add_parser("compare", help="compare models: PM scores, judged win rates, Elo, evasiveness, toxicity; "
                                        "writes a report", description=run_compare.__doc__)
     add_arguments(p)
@@ -108,6 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from minicai.run import cli_main
-
     cli_main(main)

@@ -153,12 +153,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
         last = model.hidden_states(ids, mask, cache=cache)[:, -1]  # [b, D]: predicts every option's first token
         first_logp = torch.log_softmax(model.lm_head(last).float(), -1)  # [b, V]
         # Fork the prompt's cache: row i * K + k continues prompt i with option k.
-        fork = model.new_cache(b * K, P + L)
-        for layer in range(len(cache.k)):
-            fork.k[layer][:, :, :P] = cache.k[layer].repeat_interleave(K, 0)
-            fork.v[layer][:, :, :P] = cache.v[layer].repeat_interleave(K, 0)
-        fork.key_mask[:, :P] = cache.key_mask.repeat_interleave(K, 0)
-        fork.length = P
+        fork = cache.repeat_rows(K, P + L)  # [b * K] rows, room for the options
         cont_ids, cont_mask = opt_ids.repeat(b, 1), opt_mask.repeat(b, 1)  # [bK, L]
         logp = torch.empty((b * K, L), dtype=torch.float32, device=device)
         logp[:, 0] = first_logp.repeat_interleave(K, 0).gather(-1, cont_ids[:, :1]).squeeze(-1)

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     device, dtype = setup(args)
-    model, tok, path = load_model_and_tokenizer(args.model, device, dtype)
+    model, tok, path = load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
     print(f"model: {path} ({device}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt:

@@ -13,7 +13,7 @@ One PPO iteration, as in Ziegler et al. 2019 (arXiv 1909.08593) and lm-human-pre
 
 Layout of every forward pass: `prefix | pad.. prompt | response ..pad`. The prefix [L] is the opening all rendered
 prompts share (chat template, system message); it is computed once per forward pass, and every row attends to it
-(model.FlatRows; PPOConfig.share_prefix=False gives L = 0). Then come the rest of the prompts, left-padded
+(fast.FlatRows on the CPU; PPOConfig.share_prefix=False gives L = 0). Then come the rest of the prompts, left-padded
 [B, P], and the right-padded responses [B, N]; the model takes positions from the mask, so padding changes
 nothing. The hidden state at column P-1+t predicts response token t and is also where the value V(s_t) is read.
 
@@ -170,7 +170,7 @@ def policy_logprobs(model, ids: Tensor, mask: Tensor, prompt_width: int, tempera
     """Log-probs of the response tokens under `model` and the logits that produced them.
 
     ids/mask [B, P + N] (left-padded prompt block of width P, then the response block), optionally preceded in
-    every row by the shared prompt prefix `prefix_ids` [L] (computed once for all rows, model.FlatRows). The last
+    every row by the shared prompt prefix `prefix_ids` [L] (computed once for all rows, fast.FlatRows). The last
     response token predicts nothing, so the forward pass stops before it; only the hidden states at columns
     P-1 .. P+N-2 (those that predict the response) go through the LM head.
     Returns logp [B, N] (float32, tempered as the sampler was) and logits [B, N, V]."""

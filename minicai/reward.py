@@ -51,7 +51,7 @@ class RewardModel(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these).
-        prefix: optional token ids [L] every row starts with, computed once (model.FlatRows)."""
+        prefix: optional token ids [L] every row starts with, computed once on the CPU (fast.FlatRows)."""
         hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
 
@@ -82,7 +82,8 @@ class RewardModel(nn.Module):
         return rm
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu") -> "RewardModel":
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu",
+                        fast: bool = False) -> "RewardModel":
         """Load a PM directory written by save_pretrained: HF layout + reward_head.safetensors + reward_config.json."""
         from safetensors.torch import load_file
 
@@ -95,7 +96,7 @@ class RewardModel(nn.Module):
             cfg = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise MinicaiError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg}); re-run train_pm.py") from None
-        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device)
+        trunk = Transformer.from_pretrained(path, dtype=dtype, device=device, fast=fast)
         rm = cls(trunk, offset=float(cfg.get("offset", 0.0)))
         state = load_file(str(head_file))
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != (1, trunk.config.hidden_size):
@@ -128,11 +129,11 @@ class RewardModel(nn.Module):
         atomic_write_json(path / CONFIG_FILE, cfg)
 
 
-def load_reward_model(path, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_reward_model(path, dtype: torch.dtype = torch.float32, device="cpu", fast: bool = False):
     """(RewardModel, ChatTokenizer) from a PM directory, in one call."""
     from minicai.tokenizer import ChatTokenizer
 
-    return RewardModel.from_pretrained(path, dtype=dtype, device=device), ChatTokenizer.from_dir(path)
+    return RewardModel.from_pretrained(path, dtype=dtype, device=device, fast=fast), ChatTokenizer.from_dir(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

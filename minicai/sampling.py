@@ -56,8 +56,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch
     """One draw per row from probs [B, V] -> ids [B], by inverting the cumulative distribution at a uniform number.
 
     Exact up to the float64 rounding of the running sum, and a token of probability 0 is never drawn. One uniform
-    per row: torch.multinomial takes about 16 ms per call for a 49k vocabulary on this project's CPU, this about
-    0.4 ms (a quarter of a decoding step at batch 16 was going into multinomial)."""
+    per row; on the CPU much faster than torch.multinomial at a 49k vocabulary (BENCHMARKS.md)."""
     cdf = probs.double().cumsum(-1)  # [B, V]
     u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     # the first index whose cumulative mass exceeds u; a zero-probability token repeats its left neighbour's value
@@ -112,7 +111,7 @@ def generate(
 
     # inference_mode: like no_grad, and it also skips autograd's bookkeeping on every tensor (version counters,
     # view tracking), which is a measurable part of a decoding step's many small operations
-    with torch.inference_mode(), model.decoding(B):  # packed weights for the CPU (model.Transformer.decoding)
+    with torch.inference_mode(), model.decoding(B):  # a no-op in model.py; packed weights in fast.py
         cache = model.new_cache(B, L + P + max_new_tokens)
         if L:
             cache.copy_prefix(model.encode_prefix(prompts[0][:L]))

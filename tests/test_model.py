@@ -1,14 +1,14 @@
-"""The transformer: the same logits as transformers' reference implementation, loading is strict, saving round-trips."""
+"""The reference transformer (model.py): the same logits as transformers' implementation; checkpoint.py: loading is
+strict, saving round-trips, damaged files are named. (fast.py is held to this model in test_fast.py.)"""
 
 import json
-import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minicai import MinicaiError
-from minicai.model import ONEDNN_LINEAR, PACKED_DECODING, ModelConfig, Transformer, linear, random_model, tiny_config
+from minicai.checkpoint import config_from_hf
+from minicai.model import Transformer, random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,138 +103,25 @@ def test_kv_cache_decoding_equals_full_forward():
     assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
 
 
-def test_shared_prefix_equals_the_whole_sequence_values_and_gradients():
-    """hidden_states(rows, prefix=opening) equals running [opening | row] for each left-padded row, and the
-    parameter gradients equal those of the whole batch (float64), although the opening is computed only once."""
+def test_kv_cache_repeat_rows_continues_each_row_several_ways():
+    """A prompt cache forked K ways (row i * K + k continues row i) gives each continuation the hidden states of
+    the prompt and that continuation run whole (float64), and the original cache is left as it was."""
+    model = random_model(tiny_config(vocab_size=97), seed=3, dtype=torch.float64)
     ids, mask = left_padded_batch()
-    opening = torch.tensor([7, 8, 9, 10, 11])
-    whole_ids = torch.cat([opening.expand(ids.shape[0], -1), ids], dim=1)
-    whole_mask = torch.cat([torch.ones(ids.shape[0], len(opening), dtype=mask.dtype), mask], dim=1)
-    grads = []
-    for shared in (False, True):
-        model = random_model(tiny_config(vocab_size=97), seed=5, dtype=torch.float64)
-        if shared:
-            h = model.hidden_states(ids, mask, prefix=opening)
-        else:
-            h = model.hidden_states(whole_ids, whole_mask)[:, len(opening):]
-        out = (h * mask[..., None]).pow(2).sum()
-        out.backward()
-        grads.append((h.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (h_whole, g_whole), (h_shared, g_shared) = grads
-    assert ((h_shared - h_whole).abs() * mask[..., None]).max().item() < 1e-12
-    assert set(g_shared) == set(g_whole) and len(g_whole) > 10
-    for name in g_whole:
-        assert (g_shared[name] - g_whole[name]).abs().max().item() < 1e-10, name
-
-
-def test_padding_is_not_computed():
-    """A padded batch runs its real tokens only, as one sequence [1, n, D]; each row equals the row alone (float64),
-    and a batch without padding keeps its [B, T] shape."""
-    ids, mask = left_padded_batch()
-    model = random_model(tiny_config(vocab_size=97), seed=5, dtype=torch.float64)
-    seen = []
-    model.model["layers"][0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    options = torch.tensor([[5, 6], [7, 8]])  # K = 2 continuations of 2 tokens
+    B, T, K = ids.shape[0], ids.shape[1], options.shape[0]
     with torch.no_grad():
-        h = model.hidden_states(ids, mask)
-        assert seen == [(1, int(mask.sum()), 32)]
-        assert (h[~mask.bool()] == 0).all()
-        for i in range(ids.shape[0]):
-            real = mask[i].bool()
-            alone = model.hidden_states(ids[i : i + 1, real])
-            assert (h[i, real] - alone[0]).abs().max() < 1e-12
-        seen.clear()
-        model.hidden_states(ids[:1], mask[:1])  # row 0 has no padding
-        assert seen == [(1, ids.shape[1], 32)]
-        seen.clear()
-        model.hidden_states(ids[:, 9:], mask[:, 9:])  # no padding left in any row
-        assert seen == [(3, 5, 32)]
-
-
-def test_shared_prefix_runs_once_through_every_layer():
-    """With a prefix of L tokens and B rows of T holding n real tokens, each layer sees one sequence of L + n tokens
-    (the prefix once, no padding), and a prefix that changes changes every row (the rows really attend to it)."""
-    ids, mask = left_padded_batch()
-    B, T = ids.shape
-    opening = torch.tensor([7, 8, 9, 10, 11])
-    model = random_model(tiny_config(vocab_size=97), seed=5)
-    seen = []
-    model.model["layers"][1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
-    with torch.no_grad():
-        h = model.hidden_states(ids, mask, prefix=opening)
-        other = model.hidden_states(ids, mask, prefix=torch.tensor([7, 8, 9, 10, 12]))
-    n = int(mask.sum())
-    assert n < B * T and seen[0] == (1, len(opening) + n, 32) and h.shape == (B, T, 32)
-    assert (h[~mask.bool()] == 0).all()  # padding is not computed
-    changed = ((h - other).abs().amax(-1) > 1e-4) | ~mask.bool()
-    assert changed.all()
-
-
-@pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
-def test_shared_prefix_with_packed_decoding_weights():
-    """The prefix layout also runs on the packed decoding weights (what no-grad scoring uses) with the same result."""
-    ids, mask = left_padded_batch()
-    opening = torch.tensor([7, 8, 9, 10, 11])
-    model = random_model(tiny_config(vocab_size=97), seed=5)
-    with torch.no_grad():
-        plain = model.hidden_states(ids, mask, prefix=opening)
-        with model.decoding(batch=ids.numel()):
-            packed = model.hidden_states(ids, mask, prefix=opening)
-    assert ((packed - plain).abs() * mask[..., None]).max().item() < 1e-5
-
-
-@pytest.mark.skipif(not PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
-@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
-def test_packed_decoding_weights_give_the_same_outputs(tmp_path, case, dtype, tol):
-    """Inside Transformer.decoding the fused, packed weight copies give the plain forward's logits (prefill and
-    cached steps), and leaving the block frees them."""
-    model = Transformer.from_pretrained(make_hf_model(tmp_path, case), dtype=dtype)
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        plain = model(ids, mask).float()
-        with model.decoding(batch=ids.shape[0]):
-            assert model.packed_head is not None and model.model["layers"][0].mlp.packed is not None
-            packed = model(ids, mask).float()
-            cache = model.new_cache(ids.shape[0], ids.shape[1])
-            steps = [model.logits(model.hidden_states(ids[:, :8], mask[:, :8], cache=cache))]
-            for t in range(8, ids.shape[1]):
-                steps.append(model.logits(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)))
-    stepped = torch.cat(steps, dim=1).float()
-    assert model.packed_head is None and all(b.self_attn.packed is None and b.mlp.packed is None
-                                             for b in model.model["layers"])
-    real = mask[..., None].bool()
-    assert ((packed - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
-    assert ((stepped - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
-
-
-@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear kernel")
-@pytest.mark.parametrize("bias", [False, True])
-def test_onednn_linear_equals_f_linear_values_and_gradients(bias):
-    """model.linear (oneDNN forward, hand-written backward) gives F.linear's output and gradients (float32), for a
-    non-contiguous 3-D input as the LM head gets it; and the same bits with and without autograd."""
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 40, bias=bias)
-    x = torch.randn(3, 9, 48)[:, 2:].requires_grad_(True)  # [3, 7, 48], not contiguous
-    upstream = torch.randn(3, 7, 40)
-    grads = []
-    for fn in (lambda: linear(layer, x), lambda: F.linear(x, layer.weight, layer.bias)):
-        y = fn()
-        (y * upstream).sum().backward()
-        grads.append([y.detach()] + [t.grad.clone() for t in (x, layer.weight, layer.bias) if t is not None])
-        for t in (x, layer.weight, layer.bias):
-            if t is not None:
-                t.grad = None
-    for ours, ref in zip(*grads):
-        assert ours.shape == ref.shape and (ours - ref).abs().max().item() < 1e-5
-    with torch.no_grad():
-        assert torch.equal(linear(layer, x), grads[0][0])
-
-
-def test_packed_decoding_is_a_no_op_with_gradients_or_float64():
-    for dtype, grad in [(torch.float64, False), (torch.float32, True)]:
-        model = random_model(tiny_config(), seed=4, dtype=dtype)
-        with torch.set_grad_enabled(grad), model.decoding(batch=2):
-            assert model.packed_head is None and model.model["layers"][0].self_attn.packed is None
+        cache = model.new_cache(B, T)
+        model.hidden_states(ids, mask, cache=cache)
+        kept = [t.clone() for t in cache.k]
+        fork = cache.repeat_rows(K, T + 2)
+        forked = model.hidden_states(options.repeat(B, 1), torch.ones(B * K, 2, dtype=torch.long), cache=fork)
+        for i in range(B):
+            for k in range(K):
+                whole = model.hidden_states(torch.cat([ids[i], options[k]])[None],
+                                            torch.cat([mask[i], torch.ones(2, dtype=mask.dtype)])[None])
+                assert (forked[i * K + k] - whole[0, T:]).abs().max().item() < 1e-12
+    assert fork.length == T + 2 and cache.length == T and all(torch.equal(a, b) for a, b in zip(kept, cache.k))
 
 
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied"])
@@ -254,8 +141,8 @@ def test_save_pretrained_round_trips_and_loads_in_transformers(tmp_path, case):
 def test_config_reads_hub_and_transformers5_styles():
     base = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8,
                 intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
-    hub = ModelConfig.from_hf({**base, "rope_theta": 100000.0})
-    v5 = ModelConfig.from_hf({**base, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
+    hub = config_from_hf({**base, "rope_theta": 100000.0})
+    v5 = config_from_hf({**base, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}})
     assert hub.rope_theta == v5.rope_theta == 100000.0
     assert hub.head_dim == 4 and hub.num_kv_heads == 2  # head_dim absent -> hidden / heads; no KV key -> MHA
 
@@ -331,3 +218,93 @@ def test_sharded_checkpoint_loads(tmp_path):
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     model = Transformer.from_pretrained(path)
     assert torch.equal(model.model["norm"].weight, state["model.norm.weight"])
+
+
+def _sharded(path):
+    """Split the model.safetensors of `path` into two shards with an index; returns the index dict."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, path / file)
+    (path / "model.safetensors").unlink()
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_safetensors_names_the_file_and_the_fix(tmp_path, damage):
+    """A cut-short or garbage model.safetensors is a user error naming the file, not safetensors' traceback."""
+    path = make_hf_model(tmp_path, "llama_untied")
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 50,
+                      "empty": b""}[damage])
+    with pytest.raises(MinicaiError, match=r"model\.safetensors: not a readable safetensors file.*Re-download"):
+        Transformer.from_pretrained(path)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    path = make_hf_model(tmp_path, "llama_untied")
+    _sharded(path)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(MinicaiError, match=r"model-00002-of-00002\.safetensors: not a readable safetensors"):
+        Transformer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("shard,message", [
+    ("model-00009-of-00009.safetensors", r"index\.json: shard 'model-00009-of-00009\.safetensors' is missing"),
+    ("../outside.safetensors", r"index\.json: shard '\.\./outside\.safetensors' lies outside"),
+    ("/etc/passwd", r"index\.json: shard '/etc/passwd' lies outside"),
+])
+def test_shard_index_pointing_at_a_missing_or_outside_file(tmp_path, shard, message):
+    path = make_hf_model(tmp_path / "m", "llama_untied")
+    index = _sharded(path)
+    (tmp_path / "outside.safetensors").write_bytes((path / "model-00001-of-00002.safetensors").read_bytes())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MinicaiError, match=message):
+        Transformer.from_pretrained(path)
+
+
+def test_shard_index_that_is_not_json_or_has_no_weight_map(tmp_path):
+    path = make_hf_model(tmp_path, "llama_untied")
+    _sharded(path)
+    index = path / "model.safetensors.index.json"
+    index.write_text("{\n  oops")
+    with pytest.raises(MinicaiError, match=r"index\.json:2: invalid JSON"):
+        Transformer.from_pretrained(path)
+    index.write_text("{}")
+    with pytest.raises(MinicaiError, match=r"index\.json: no 'weight_map'"):
+        Transformer.from_pretrained(path)
+
+
+# ---- the tiny model for stepping through ---------------------------------------------------------------------------
+
+def test_tiny_model_command_makes_a_small_model_with_the_default_tokenizer(tmp_path):
+    """`python -m minicai.weights --tiny DIR`: a random 2-layer model with the default model's tokenizer and chat
+    template, small enough that every stage runs on it in seconds (README: "Stepping through in seconds")."""
+    from minicai import weights
+    from minicai.sampling import generate
+    from minicai.tokenizer import ChatTokenizer
+
+    default = weights.cache_dir() / "models" / weights.DEFAULT_MODEL_NAME
+    if not (default / "config.json").is_file():
+        pytest.skip("the default model is not in the cache (python -m minicai.weights fetches it once)")
+    assert weights.main(["--tiny", str(tmp_path / "tiny")]) == 0
+    model = Transformer.from_pretrained(tmp_path / "tiny")
+    tok, ref = ChatTokenizer.from_dir(tmp_path / "tiny"), ChatTokenizer.from_dir(default)
+    assert model.config.num_layers == 2 and sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert model.config.vocab_size == ref.vocab_size == tok.vocab_size
+    chat = [{"role": "user", "content": "Hi"}]
+    assert tok.render(chat, add_generation_prompt=True) == ref.render(chat, add_generation_prompt=True)
+    gen = generate(model, [tok.render(chat, add_generation_prompt=True)], 3, temperature=0, stop_ids=(),
+                   pad_id=tok.pad_id)
+    assert gen.tokens.shape == (1, 3)
+    assert oct((tmp_path / "tiny" / "model.safetensors").stat().st_mode & 0o777) == "0o644"

@@ -1,8 +1,10 @@
-"""The sampler: greedy decoding equals transformers', seeds reproduce, stops are honoured, log-probs are exact."""
+"""The sampler: greedy decoding equals transformers', seeds reproduce, stops are honoured, log-probs are exact
+(on model.py's reference path and on fast.py's CPU path)."""
 
 import pytest
 import torch
 
+from minicai.fast import make_fast
 from minicai.model import Transformer, random_model, tiny_config
 from minicai.model import shared_prefix_length
 from minicai.sampling import filter_logits, generate, left_pad, response_ids, sample_categorical
@@ -22,9 +24,11 @@ def peaky_model(dtype=torch.float32):
     return model
 
 
-def test_greedy_equals_transformers_generate(tmp_path):
+@pytest.mark.parametrize("fast", [False, True])
+def test_greedy_equals_transformers_generate(tmp_path, fast):
     model = peaky_model()
     model.save_pretrained(tmp_path)
+    model = make_fast(model) if fast else model
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     gen = generate(model, PROMPTS, max_new_tokens=20, temperature=0, pad_id=0)
     for i, prompt in enumerate(PROMPTS):
@@ -42,9 +46,11 @@ def test_same_seed_same_output_different_seed_different():
     assert not torch.equal(a.tokens, c.tokens)
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 10, 1.0), (1.0, 0, 0.9)])
-def test_logprobs_equal_a_reforward_of_the_full_sequence(temperature, top_k, top_p):
+def test_logprobs_equal_a_reforward_of_the_full_sequence(temperature, top_k, top_p, fast):
     model = random_model(tiny_config(vocab_size=97), seed=6, dtype=torch.float64)
+    model = make_fast(model) if fast else model
     gen = generate(model, PROMPTS, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
     for i, prompt in enumerate(PROMPTS):
         new = gen.tokens[i][gen.mask[i].bool()]
