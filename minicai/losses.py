@@ -363,6 +363,86 @@ def ppo_value_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Group baselines and loss aggregation (GRPO, Shao et al. 2024, arXiv 2402.03300; RLOO, Ahmadian et al. 2024,
+# arXiv 2402.14740; Dr. GRPO, Liu et al. 2025, arXiv 2503.20783)
+
+GROUP_BASELINES = ("mean", "leave_one_out")
+GROUP_SCALES = ("std", "std_biased", "none")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def group_advantages(scores: Tensor, baseline: str = "mean", scale: str = "std", eps: float = 1e-6) -> Tensor:
+    """Sequence-level advantages from G samples of each of P prompts: [P, G] -> [P, G].
+
+    A = (s - b) / (sd + eps), with the baseline b
+      "mean"           the group mean (GRPO)
+      "leave_one_out"  the mean of the other G - 1 samples, (sum - s) / (G - 1) (RLOO; needs G >= 2)
+    and the scale sd
+      "std"            the group's standard deviation with Bessel's correction (torch.std; TRL, verl, OpenRLHF)
+      "std_biased"     the population standard deviation (divide by G)
+      "none"           no scaling and no eps (Dr. GRPO, RLOO): A = s - b
+    A group of one sample has no spread: its "std" is taken as 1 (as verl does), so its GRPO advantage is 0."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [P, G] (prompts x samples), got shape {tuple(scores.shape)}")
+    if baseline not in GROUP_BASELINES or scale not in GROUP_SCALES:
+        raise ValueError(f"unknown baseline {baseline!r} or scale {scale!r}; baselines {GROUP_BASELINES}, "
+                         f"scales {GROUP_SCALES}")
+    G = scores.shape[1]
+    s = scores.to(_compute_dtype(scores))
+    if baseline == "mean":
+        b = s.mean(dim=1, keepdim=True)  # [P, 1]
+    else:
+        if G < 2:
+            raise ValueError("the leave-one-out baseline needs at least 2 samples per prompt")
+        b = (s.sum(dim=1, keepdim=True) - s) / (G - 1)  # [P, G]
+    if scale == "none":
+        return s - b
+    if G == 1:
+        sd = torch.ones_like(s[:, :1])
+    else:
+        sd = s.std(dim=1, keepdim=True, correction=1 if scale == "std" else 0)  # [P, 1]
+    return (s - b) / (sd + eps)
+
+
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    constant: float | None = None,
+    global_tokens: float | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar; the frameworks' names for the modes:
+      "token-mean"              sum over valid tokens / their number (PPO, DAPO). With global_tokens, divide by
+                                that count instead (the tokens of the whole batch across micro-batches and ranks),
+                                so that the micro-batch losses add up to the batch's token mean whatever the split
+      "seq-mean-token-mean"     mean over non-empty rows of each row's token mean (GRPO as published)
+      "seq-mean-token-sum"      mean over non-empty rows of each row's token sum
+      "seq-mean-token-sum-norm" sum over all valid tokens / constant (Dr. GRPO; constant = B * max length in TRL,
+                                max length alone in verl, which is why verl's scales with the batch, verl #3741)
+    Rows with no valid token are left out of the row means; an empty batch gives 0."""
+    _check_shapes(per_token=per_token, mask=mask)
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; use one of {', '.join(AGG_MODES)}")
+    if global_tokens is not None and mode != "token-mean":
+        raise ValueError(f"global_tokens applies to token-mean only, not {mode!r}")
+    if mode == "token-mean":
+        if global_tokens is None:
+            return masked_mean(per_token, mask)
+        if global_tokens <= 0:
+            raise ValueError(f"global_tokens must be > 0, got {global_tokens}")
+        return masked_sum(per_token, mask) / global_tokens
+    if mode == "seq-mean-token-sum-norm":
+        if constant is None or constant <= 0:
+            raise ValueError(f"seq-mean-token-sum-norm divides by a constant > 0 (e.g. the maximum length), got {constant}")
+        return masked_sum(per_token, mask) / constant
+    row_sum = masked_sum(per_token, mask, dim=1)  # [B]
+    count = _float_mask(mask, per_token).sum(dim=1)  # [B]
+    rows = count > 0
+    per_row = row_sum / count.clamp(min=1.0) if mode == "seq-mean-token-mean" else row_sum
+    return masked_mean(per_row, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # KL coefficient controllers (Ziegler et al. 2019)
 
 

@@ -470,6 +470,56 @@ def test_ppo_value_loss_gradient_with_both_clips_active():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# group baselines and loss aggregation
+
+
+def test_group_advantages_by_hand():
+    s = t([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
+    # row 0: mean 3, deviations -2, -1, 3; sum of squares 14: unbiased std sqrt(7), biased sqrt(14 / 3)
+    close(L.group_advantages(s, eps=0.0)[0], [-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7)])
+    close(L.group_advantages(s, scale="std_biased", eps=0.0)[0], [d / math.sqrt(14 / 3) for d in (-2, -1, 3)])
+    close(L.group_advantages(s, scale="none"), [[-2.0, -1.0, 3.0], [0.0, 0.0, 0.0]])
+    # leave-one-out: b_i = (9 - s_i) / 2 = 4, 3.5, 1.5
+    close(L.group_advantages(s, baseline="leave_one_out", scale="none")[0], [-3.0, -1.5, 4.5])
+    close(L.group_advantages(s, eps=1e-6)[1], [0.0, 0.0, 0.0])  # no spread: 0 / (0 + eps)
+    close(L.group_advantages(t([[5.0], [-2.0]])), [[0.0], [0.0]])  # one sample: nothing to compare with
+    with pytest.raises(ValueError):
+        L.group_advantages(t([[5.0]]), baseline="leave_one_out")
+    with pytest.raises(ValueError):
+        L.group_advantages(s, scale="mad")
+
+
+def test_aggregate_loss_modes_by_hand():
+    x = t([[1.0, 2.0, GARBAGE], [4.0, GARBAGE, GARBAGE], [GARBAGE, GARBAGE, GARBAGE]])
+    m = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    close(L.aggregate_loss(x, m), (1 + 2 + 4) / 3)
+    close(L.aggregate_loss(x, m, "seq-mean-token-mean"), (1.5 + 4) / 2)  # the empty row does not count
+    close(L.aggregate_loss(x, m, "seq-mean-token-sum"), (3 + 4) / 2)
+    close(L.aggregate_loss(x, m, "seq-mean-token-sum-norm", constant=9.0), 7 / 9)
+    close(L.aggregate_loss(x, m, global_tokens=10.0), 7 / 10)
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "seq-mean-token-mean", global_tokens=3.0)
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "sequence-mean")
+
+
+def test_global_token_mean_is_invariant_to_the_micro_batch_split():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, generator=g, dtype=D)
+    m = t([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    whole = L.aggregate_loss(x, m)
+    n = float(m.sum())
+    for split in ([2, 2], [1, 3], [3, 1]):
+        parts = zip(x.split(split), m.split(split))
+        close(sum(L.aggregate_loss(xp, mp, global_tokens=n) for xp, mp in parts), whole)
+    # the micro-batch-local token mean is not: averaging [1, 3]-split means weights the rows differently
+    local = sum(L.aggregate_loss(xp, mp) for xp, mp in zip(x.split([1, 3]), m.split([1, 3]))) / 2
+    assert abs(float(local - whole)) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # KL controllers
 
 
