@@ -14,6 +14,7 @@ from typing import Mapping
 AXES: dict[str, tuple] = {
     "logprob_temperature": ("divide", "divide_eps", "none"),  # logits / T, logits / (T + 1e-7), raw logits
     "score_position": ("last_valid", "after_last_valid", "last_column"),
+    "empty_row": ("error", "wraps_to_last", "slot_0"),  # where the score of a zero-length response goes
     "missing_eos": ("add", "subtract", "replace", "none"),  # what a truncation penalty does to the score
     "mask_rule": ("through_eos", "non_pad", "all"),  # which response tokens are valid (pad == eos differs)
     "after_eos": ("masked", "sentinel", "trained"),  # log-probs after the last valid token
@@ -43,6 +44,7 @@ class Convention:
     kl_clamp_kinds: tuple[str, ...]  # the minicai kinds the two clamps apply to
     mask_rule: str
     score_position: str
+    empty_row: str
     missing_eos: str
     after_eos: str
     value_extra: int
@@ -92,7 +94,7 @@ MINICAI = Convention(
     name="minicai", framework="minicai", versions="this repository",
     logprob_temperature="divide", kl_names=(("k1", "k1"), ("abs", "abs"), ("k2", "k2"), ("k3", "k3")),
     kl_log_ratio_clamp=None, kl_result_clamp=None, kl_clamp_kinds=(),
-    mask_rule="through_eos", score_position="last_valid", missing_eos="add", after_eos="masked", value_extra=0, gae_hole="end",
+    mask_rule="through_eos", score_position="last_valid", empty_row="error", missing_eos="add", after_eos="masked", value_extra=0, gae_hole="end",
     whiten_var="unbiased", whiten_eps=1e-8, whiten_eps_mode="add", masked_mean_eps=0.0,
     whiten_scope="the tensor the caller passes", reward_whitening="off", pg_agg="token-mean",
     log_ratio_clamp=None, log_ratio_masked=False, dual_clip=None, value_clip=0.2, value_mask="valid",
@@ -101,7 +103,7 @@ MINICAI = Convention(
         "logprob_temperature": f"{MINI}:token_logprobs", "kl_names": f"{MINI}:kl_penalty",
         "kl_log_ratio_clamp": f"{MINI}:kl_penalty", "kl_result_clamp": f"{MINI}:kl_penalty",
         "kl_clamp_kinds": f"{MINI}:kl_penalty", "mask_rule": "minicai/ppo.py:rollout (stop token kept)", "score_position": f"{MINI}:per_token_rewards",
-        "missing_eos": f"{MINI}:per_token_rewards", "after_eos": "minicai/ppo.py:rollout (response mask)",
+        "empty_row": f"{MINI}:last_token_index (raises on an empty row)", "missing_eos": f"{MINI}:per_token_rewards", "after_eos": "minicai/ppo.py:rollout (response mask)",
         "value_extra": f"{MINI}:gae", "gae_hole": f"{MINI}:gae (hole='end')", "whiten_var": f"{MINI}:whiten",
         "whiten_eps": f"{MINI}:whiten", "whiten_eps_mode": f"{MINI}:whiten", "masked_mean_eps": f"{MINI}:masked_mean",
         "whiten_scope": "minicai/ppo.py:rollout", "reward_whitening": "minicai/ppo.py (none)",
@@ -115,7 +117,7 @@ MINICAI = Convention(
 LM_HUMAN_PREFERENCES = Convention(
     name="lm-human-preferences", framework="openai/lm-human-preferences", versions="master (2019-2023)",
     logprob_temperature="divide", kl_names=(("kl", "k1"),), kl_log_ratio_clamp=None, kl_result_clamp=None,
-    kl_clamp_kinds=(), mask_rule="all", score_position="last_column", missing_eos="replace", after_eos="trained", value_extra=0,
+    kl_clamp_kinds=(), mask_rule="all", score_position="last_column", empty_row="wraps_to_last", missing_eos="replace", after_eos="trained", value_extra=0,
     gae_hole="none", whiten_var="biased", whiten_eps=1e-8, whiten_eps_mode="add", masked_mean_eps=0.0,
     whiten_scope="each minibatch, unmasked (fixed length)", reward_whitening="on", pg_agg="token-mean",
     log_ratio_clamp=None, log_ratio_masked=False, dual_clip=None, value_clip=0.2, value_mask="all",
@@ -124,7 +126,7 @@ LM_HUMAN_PREFERENCES = Convention(
         "logprob_temperature": f"{LMHP}/policy.py:119-124", "kl_names": f"{LMHP}/train_policy.py:150",
         "kl_log_ratio_clamp": f"{LMHP}/train_policy.py:150", "kl_result_clamp": f"{LMHP}/train_policy.py:150",
         "kl_clamp_kinds": f"{LMHP}/train_policy.py:150", "mask_rule": f"{LMHP}/train_policy.py:153 (fixed length)", "score_position": f"{LMHP}/train_policy.py:153",
-        "missing_eos": f"{LMHP}/train_policy.py:388-390", "after_eos": f"{LMHP}/lm_tasks.py:38-44",
+        "empty_row": f"{LMHP}/train_policy.py:153 (fixed length: always the last column)", "missing_eos": f"{LMHP}/train_policy.py:388-390", "after_eos": f"{LMHP}/lm_tasks.py:38-44",
         "value_extra": f"{LMHP}/train_policy.py:327-336", "gae_hole": f"{LMHP}/train_policy.py:327-336",
         "whiten_var": f"{LMHP}/utils/core.py:336-341 (tf.nn.moments)", "whiten_eps": f"{LMHP}/utils/core.py:336-341",
         "whiten_eps_mode": f"{LMHP}/utils/core.py:336-341", "masked_mean_eps": f"{LMHP}/utils/core.py:336-341",
@@ -139,7 +141,7 @@ LM_HUMAN_PREFERENCES = Convention(
 TRL_PPO = Convention(
     name="trl-ppo", framework="huggingface/trl (trl.experimental.ppo)", versions=">=1.0,<=1.12 (read at 1.12.0)",
     logprob_temperature="divide_eps", kl_names=(("k1", "k1"), ("k3", "k3")), kl_log_ratio_clamp=None,
-    kl_result_clamp=None, kl_clamp_kinds=(), mask_rule="non_pad", score_position="after_last_valid", missing_eos="subtract",
+    kl_result_clamp=None, kl_clamp_kinds=(), mask_rule="non_pad", score_position="after_last_valid", empty_row="slot_0", missing_eos="subtract",
     after_eos="sentinel", value_extra=1, gae_hole="none", whiten_var="unbiased", whiten_eps=1e-8,
     whiten_eps_mode="add", masked_mean_eps=0.0, whiten_scope="local batch per process, valid tokens",
     reward_whitening="optional", pg_agg="token-mean", log_ratio_clamp=None, log_ratio_masked=False,
@@ -148,7 +150,7 @@ TRL_PPO = Convention(
         "logprob_temperature": f"{TRL1}:622, 713, 822", "kl_names": f"{TRL1}:404, 773-774",
         "kl_log_ratio_clamp": f"{TRL1}:773-774", "kl_result_clamp": f"{TRL1}:773-774",
         "kl_clamp_kinds": f"{TRL1}:773-774", "mask_rule": f"{TRL1}:727, 764 (pad == eos drops the EOS, trl#5303 review)", "score_position": f"{TRL1}:778-779 (issues trl#1893, trl#3750)",
-        "missing_eos": f"{TRL1}:758-759", "after_eos": f"{TRL1}:69, 764-766 (INVALID_LOGPROB = 1.0)",
+        "empty_row": f"{TRL1}:727, 778 (sequence_length -1: the score lands on slot 0)", "missing_eos": f"{TRL1}:758-759", "after_eos": f"{TRL1}:69, 764-766 (INVALID_LOGPROB = 1.0)",
         "value_extra": f"{TRL1}:767-769", "gae_hole": f"{TRL1}:786-796", "whiten_var": f"{TRL1}:264 (masked_whiten)",
         "whiten_eps": f"{TRL1}:264", "whiten_eps_mode": f"{TRL1}:264", "masked_mean_eps": f"{TRL1}:masked_mean",
         "whiten_scope": f"{TRL1}:797-798", "reward_whitening": f"{TRL1}:782-784", "pg_agg": f"{TRL1}:846",
@@ -162,7 +164,7 @@ TRL_PPO_011 = Convention(
     name="trl-ppo-0.11", framework="huggingface/trl (legacy PPOTrainer)", versions=">=0.4 (trl#153),<=0.11",
     logprob_temperature="none", kl_names=(("kl", "k1"), ("abs", "abs"), ("mse", "k2"), ("full", "full")),
     kl_log_ratio_clamp=None, kl_result_clamp=None, kl_clamp_kinds=(), mask_rule="through_eos", score_position="last_valid",
-    missing_eos="none", after_eos="masked", value_extra=0, gae_hole="zero", whiten_var="unbiased", whiten_eps=1e-8,
+    empty_row="error", missing_eos="none", after_eos="masked", value_extra=0, gae_hole="zero", whiten_var="unbiased", whiten_eps=1e-8,
     whiten_eps_mode="add", masked_mean_eps=0.0, whiten_scope="batch per process, valid tokens",
     reward_whitening="optional", pg_agg="token-mean", log_ratio_clamp=None, log_ratio_masked=False, dual_clip=None,
     value_clip=0.2, value_mask="valid", entropy_logits="raw", adaptive_kl_input="seq_sum",
@@ -171,7 +173,7 @@ TRL_PPO_011 = Convention(
         "kl_names": f"{TRL011}/trainer/ppo_trainer.py:1150-1164", "kl_log_ratio_clamp": f"{TRL011}/trainer/ppo_trainer.py:1150-1164",
         "kl_result_clamp": f"{TRL011}/trainer/ppo_trainer.py:1150-1164",
         "kl_clamp_kinds": f"{TRL011}/trainer/ppo_trainer.py:1150-1164",
-        "mask_rule": f"{TRL011}/trainer/ppo_trainer.py:1031-1052 (attention mask)", "score_position": f"{TRL011}/trainer/ppo_trainer.py:1112-1148", "missing_eos": f"{TRL011}/trainer/ppo_trainer.py (left to the user)",
+        "mask_rule": f"{TRL011}/trainer/ppo_trainer.py:1031-1052 (attention mask)", "score_position": f"{TRL011}/trainer/ppo_trainer.py:1112-1148", "empty_row": f"{TRL011}/trainer/ppo_trainer.py:1112-1148 (mask.nonzero()[-1] fails on an empty row)", "missing_eos": f"{TRL011}/trainer/ppo_trainer.py (left to the user)",
         "after_eos": f"{TRL011}/trainer/ppo_trainer.py:1031-1052", "value_extra": f"{TRL011}/trainer/ppo_trainer.py:1166-1192",
         "gae_hole": f"{TRL011}/trainer/ppo_trainer.py:1166-1192", "whiten_var": f"{TRL011}/core.py:144-169 (since trl#153)",
         "whiten_eps": f"{TRL011}/core.py:144-169", "whiten_eps_mode": f"{TRL011}/core.py:144-169",
@@ -187,7 +189,7 @@ TRL_PPO_011 = Convention(
 OPENRLHF = Convention(
     name="openrlhf", framework="OpenRLHF/OpenRLHF", versions="0.11.x before PR #1319 (entropy); read at 0.11.0",
     logprob_temperature="divide", kl_names=(("k1", "k1"), ("k2", "k2"), ("k3", "k3")), kl_log_ratio_clamp=None,
-    kl_result_clamp=10.0, kl_clamp_kinds=("k1", "k2", "k3"), mask_rule="through_eos", score_position="last_valid", missing_eos="none",
+    kl_result_clamp=10.0, kl_clamp_kinds=("k1", "k2", "k3"), mask_rule="through_eos", score_position="last_valid", empty_row="wraps_to_last", missing_eos="none",
     after_eos="masked", value_extra=0, gae_hole="zero", whiten_var="biased", whiten_eps=1e-8, whiten_eps_mode="clamp",
     masked_mean_eps=0.0, whiten_scope="all experiences of the step (global)", reward_whitening="off",
     pg_agg="token-mean", log_ratio_clamp=20.0, log_ratio_masked=False, dual_clip=None, value_clip=0.5,
@@ -196,7 +198,7 @@ OPENRLHF = Convention(
         "logprob_temperature": f"{ORLHF}/models/utils.py:139-141; {ORLHF}/trainer/ray/launcher.py:116 (OpenRLHF#853)",
         "kl_names": f"{ORLHF}/models/utils.py:64-95", "kl_log_ratio_clamp": f"{ORLHF}/models/utils.py:64-95",
         "kl_result_clamp": f"{ORLHF}/models/utils.py:64-95", "kl_clamp_kinds": f"{ORLHF}/models/utils.py:64-95",
-        "mask_rule": f"{ORLHF}/trainer/ppo_utils/samples_generator.py:259-267", "score_position": f"{ORLHF}/models/utils.py:98-125", "missing_eos": f"{ORLHF}/trainer/ppo_utils/length_penalty.py",
+        "mask_rule": f"{ORLHF}/trainer/ppo_utils/samples_generator.py:259-267", "score_position": f"{ORLHF}/models/utils.py:98-125", "empty_row": f"{ORLHF}/models/utils.py:98-125 (argmax of an all-zero row; OpenRLHF#1239)", "missing_eos": f"{ORLHF}/trainer/ppo_utils/length_penalty.py",
         "after_eos": f"{ORLHF}/trainer/ppo_utils/samples_generator.py:259-267",
         "value_extra": f"{ORLHF}/trainer/ppo_utils/experience_maker.py:333-378",
         "gae_hole": f"{ORLHF}/trainer/ppo_utils/experience_maker.py:333-378",
@@ -219,7 +221,7 @@ VERL_PROFILE = Convention(
     kl_names=(("kl", "k1"), ("k1", "k1"), ("abs", "abs"), ("mse", "k2"), ("k2", "k2"), ("low_var_kl", "k3"),
               ("k3", "k3"), ("k1+", "k1"), ("k2+", "k2"), ("k3+", "k3"), ("low_var_kl+", "k3")),
     kl_log_ratio_clamp=20.0, kl_result_clamp=10.0, kl_clamp_kinds=("k3",), mask_rule="through_eos", score_position="last_valid",
-    missing_eos="none", after_eos="masked", value_extra=0, gae_hole="skip", whiten_var="unbiased", whiten_eps=1e-8,
+    empty_row="wraps_to_last", missing_eos="none", after_eos="masked", value_extra=0, gae_hole="skip", whiten_var="unbiased", whiten_eps=1e-8,
     whiten_eps_mode="add", masked_mean_eps=1e-8, whiten_scope="the whole driver batch (global)",
     reward_whitening="off", pg_agg="token-mean", log_ratio_clamp=20.0, log_ratio_masked=False, dual_clip=3.0,
     value_clip=0.5, value_mask="valid", entropy_logits="tempered", adaptive_kl_input="seq_token_mean",
@@ -229,7 +231,7 @@ VERL_PROFILE = Convention(
         "kl_log_ratio_clamp": f"{VERL}/trainer/ppo/core_algos.py:1867-1902",
         "kl_result_clamp": f"{VERL}/trainer/ppo/core_algos.py:1867-1902",
         "kl_clamp_kinds": f"{VERL}/trainer/ppo/core_algos.py:1867-1902",
-        "mask_rule": f"{VERL}/utils/torch_functional.py:342-362 (get_response_mask)", "score_position": f"{VERL}/workers/reward_manager/naive.py:70, 100", "missing_eos": f"{VERL} (DAPO overlong reward, separate)",
+        "mask_rule": f"{VERL}/utils/torch_functional.py:342-362 (get_response_mask)", "score_position": f"{VERL}/workers/reward_manager/naive.py:70, 100", "empty_row": f"{VERL}/workers/reward_manager/naive.py:70 (index -1; verl PR #6310)", "missing_eos": f"{VERL} (DAPO overlong reward, separate)",
         "after_eos": f"{VERL}/utils/torch_functional.py:342-362", "value_extra": f"{VERL}/workers/critic/dp_critic.py:185-188 (verl#50)",
         "gae_hole": f"{VERL}/trainer/ppo/core_algos.py:215-262 (verl#2337)",
         "whiten_var": f"{VERL}/utils/torch_functional.py:304-319", "whiten_eps": f"{VERL}/utils/torch_functional.py:322-339",
@@ -245,7 +247,7 @@ VERL_PROFILE = Convention(
 DEEPSPEED_CHAT = Convention(
     name="deepspeed-chat", framework="deepspeedai/DeepSpeedExamples (DeepSpeed-Chat)", versions="master (2023-2026)",
     logprob_temperature="none", kl_names=(("k1", "k1"),), kl_log_ratio_clamp=None, kl_result_clamp=None,
-    kl_clamp_kinds=(), mask_rule="non_pad", score_position="after_last_valid", missing_eos="none", after_eos="masked", value_extra=1,
+    kl_clamp_kinds=(), mask_rule="non_pad", score_position="after_last_valid", empty_row="slot_0", missing_eos="none", after_eos="masked", value_extra=1,
     gae_hole="none", whiten_var="none", whiten_eps=0.0, whiten_eps_mode="add", masked_mean_eps=0.0,
     whiten_scope="no whitening", reward_whitening="off", pg_agg="token-mean", log_ratio_clamp=None,
     log_ratio_masked=True, dual_clip=None, value_clip=0.2, value_mask="valid", entropy_logits="none",
@@ -253,7 +255,7 @@ DEEPSPEED_CHAT = Convention(
     sources={
         "logprob_temperature": f"{DSC}:38-41, 81-82", "kl_names": f"{DSC}:66, 184", "kl_log_ratio_clamp": f"{DSC}:181-194",
         "kl_result_clamp": f"{DSC}:181-194", "kl_clamp_kinds": f"{DSC}:181-194",
-        "mask_rule": f"{DSC}:181-194 (attention_mask = seq != pad)", "score_position": f"{DSC}:181-194 (DeepSpeedExamples PR #672)", "missing_eos": f"{DSC}:181-194",
+        "mask_rule": f"{DSC}:181-194 (attention_mask = seq != pad)", "score_position": f"{DSC}:181-194 (DeepSpeedExamples PR #672)", "empty_row": f"{DSC}:181-194 (ends = start + 1)", "missing_eos": f"{DSC}:181-194",
         "after_eos": f"{DSC}:215-220", "value_extra": f"{DSC}:215-220", "gae_hole": f"{DSC}:308-320",
         "whiten_var": f"{DSC}:308-320", "whiten_eps": f"{DSC}:308-320", "whiten_eps_mode": f"{DSC}:308-320",
         "masked_mean_eps": f"{DSC}:282-306", "whiten_scope": f"{DSC}:308-320", "reward_whitening": f"{DSC}:181-194",

@@ -131,12 +131,13 @@ def score_slot(conv: Convention, mask: Tensor) -> Tensor:
     B, T = mask.shape
     if conv.score_position == "last_column":
         return torch.full((B,), T - 1)
-    last = last_valid(mask)
-    if (last < 0).any():
-        raise ValueError(f"rows {(last < 0).nonzero().flatten().tolist()} have no valid token; no slot for the score")
+    last = last_valid(mask)  # -1 on an empty row
+    empty = last < 0
+    if empty.any() and conv.empty_row == "error":
+        raise ValueError(f"rows {empty.nonzero().flatten().tolist()} have no valid token; no slot for the score")
     if conv.score_position == "after_last_valid":  # one past the last valid token, or the last one if it is at T-1
-        return torch.where(last + 1 < T, last + 1, last)
-    return last
+        return torch.where(last + 1 < T, last + 1, last)  # an empty row: slot 0
+    return torch.where(empty, torch.full_like(last, T - 1), last)  # index -1 wraps to the last slot
 
 
 def final_score(conv: Convention, score: Tensor, truncated: Tensor | None, penalty: float) -> Tensor:
@@ -162,7 +163,7 @@ def token_rewards(conv: Convention, score: Tensor, kl_tokens: Tensor, mask: Tens
     m = f64(mask)
     k = f64(kl_tokens)
     k = k if conv.after_eos == "trained" else torch.where(m.bool(), k, torch.zeros((), dtype=D))
-    r = -beta * k
+    r = -beta * k + 0.0  # + 0.0: no negative zeros
     slot = score_slot(conv, m)
     return r.scatter_add(1, slot.unsqueeze(1), final_score(conv, score, truncated, penalty).unsqueeze(1))
 
