@@ -168,10 +168,10 @@ def n_region(conv, mrow, kind):
     if conv.value_mask == "all":
         return [1] * len(mrow)
     extra = conv.value_extra if kind == "gae" else (1 if conv.value_mask == "valid_p1" else 0)
-    out = list(mrow)
-    for _ in range(extra):
-        out = [max(out[i], out[i - 1] if i > 0 else 0) for i in range(len(out))]
-    return out
+    last = max([i for i, m in enumerate(mrow) if m], default=-1)
+    if kind == "gae" and conv.gae_hole == "none":
+        return [1 if i <= last + extra else 0 for i in range(len(mrow))]
+    return [1 if m or last < i <= last + extra else 0 for i, m in enumerate(mrow)]
 
 
 def n_gae(conv, rrow, vrow, mrow, gamma, lam):
@@ -381,3 +381,120 @@ def test_golden_case_agrees_with_the_naive_implementation(path):
         assert set(got) == set(want), (variant, set(got), set(want))
         for key in want:
             assert_matches(got[key], want[key], f"{case['id']}/{variant}/{key}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the dump checker, on dumps built here under a named convention (the real-framework dumps are in test_oracle_trl.py)
+
+from minicai import MinicaiError  # noqa: E402
+from minicai.oracle import check as C  # noqa: E402
+
+
+def synthetic_dump(name="trl-ppo", seed=0, temperature=0.7, beta=0.05):
+    """Every stage computed by the reference under `name`, float64: rows of 3 tokens, 6 (no EOS) and 2 of 6."""
+    conv = get(name)
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 3, 6, 11
+    logits = torch.randn(B, T, V, generator=g, dtype=D) * 3
+    ref_logits = logits + 0.3 * torch.randn(B, T, V, generator=g, dtype=D)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = t([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    old = R.logprobs(conv, logits, ids, temperature) * mask
+    ref = R.logprobs(conv, ref_logits, ids, temperature) * mask
+    estimator = conv.kl_names[0][0]  # the profile's first advertised name (k1 or kl)
+    kl = R.kl(conv, old, ref, estimator) * mask
+    scores = t([1.0, -0.5, 2.0])
+    values = torch.randn(B, T, generator=g, dtype=D) * R.gae_mask(conv, mask)
+    rewards = R.token_rewards(conv, scores, kl, mask, beta)
+    adv_raw, ret = R.advantages(conv, rewards, values, mask, 1.0, 0.95)
+    adv = R.whiten(conv, adv_raw, mask)
+    per_tok, _ = R.policy_loss_tokens(conv, old, old, adv, mask, 0.2)
+    new_values = values + 0.3 * torch.randn(B, T, generator=g, dtype=D)
+    tensors = dict(response_mask=mask, response_ids=ids, logits=logits, old_logprobs=old, ref_logprobs=ref,
+                   new_logprobs=old.clone(), values=values, new_values=new_values, scores=scores, kl=kl,
+                   token_rewards=rewards, advantages_raw=adv_raw, advantages=adv, returns=ret,
+                   pg_loss_tokens=per_tok * mask, pg_loss=R.aggregate(conv, per_tok, mask),
+                   vf_loss=R.value_loss(conv, new_values, values, ret, mask),
+                   entropy_tokens=R.entropy_tokens(conv, logits, temperature) * mask)
+    meta = dict(framework="synthetic", convention=name, dtype="float64", temperature=temperature, kl_coef=beta,
+                kl_estimator=estimator, gamma=1.0, lam=0.95, clip_low=0.2, value_clip=conv.value_clip,
+                first_minibatch=True)
+    return tensors, meta
+
+
+@pytest.mark.parametrize("name", ["minicai", "trl-ppo", "verl", "openrlhf", "deepspeed-chat", "trl-ppo-0.11"])
+def test_checker_passes_a_dump_under_its_own_convention(name):
+    rep = C.check(*synthetic_dump(name))
+    assert rep.ok, rep.text()
+    assert all(r.verdict == "ok" for r in rep.rows) and len(rep.rows) >= 9
+
+
+def test_checker_explains_trl_under_minicai_with_the_axes_that_differ():
+    rep = C.check(*synthetic_dump("trl-ppo"), convention="minicai")
+    assert rep.ok, rep.text()
+    explained = {r.quantity: r.note for r in rep.rows if r.verdict == "EXPLAINED"}
+    assert "score_position" in explained["token_rewards"] and "value_extra" in explained["advantages_raw"]
+    assert "value_mask" in explained["vf_loss"]
+    assert "explained differences" in rep.text()
+
+
+def test_checker_names_the_first_divergence_a_score_one_token_late():
+    tensors, meta = synthetic_dump("trl-ppo")
+    r = tensors["token_rewards"].clone()
+    r[0, 4], r[0, 3] = r[0, 3].item(), r[0, 4].item()  # row 0: valid tokens 0-2, TRL's score slot 3; moved to 4
+    tensors["token_rewards"] = r
+    rep = C.check(tensors, meta)
+    assert not rep.ok and rep.first.quantity == "token_rewards"
+    assert "t=[3, 4]" in rep.cause and "score" in rep.cause
+    assert "FIRST DIVERGENCE: token_rewards" in rep.text()
+
+
+def test_checker_catches_an_unexplained_whitening_bug_and_checks_invariants():
+    tensors, meta = synthetic_dump("minicai")
+    m = tensors["response_mask"]
+    tensors["advantages"] = tensors["advantages"] * 1.01 * m  # no profile scales by 1.01
+    tensors["entropy_tokens"] = tensors["entropy_tokens"] - 10 * m
+    tensors["new_logprobs"] = tensors["new_logprobs"] + 0.1 * m
+    rep = C.check(tensors, meta)
+    assert rep.first.quantity == "advantages" and "whitening" in rep.cause
+    failed = {name for name, ok, _ in rep.invariants if not ok}
+    assert {"ratio == 1 before the first update", "entropy >= 0"} <= failed
+
+
+def test_biased_whitening_is_explained_by_the_profiles_that_use_it():
+    tensors, meta = synthetic_dump("openrlhf")
+    rep = C.check(tensors, meta, convention="minicai")
+    notes = {r.quantity: r.note for r in rep.rows}
+    assert "whiten_var" in notes["advantages"]
+
+
+def test_checker_refuses_an_exact_check_on_a_bf16_dump_and_reads_files(tmp_path):
+    tensors, meta = synthetic_dump("minicai")
+    C.write_dump(tmp_path / "d.safetensors", {k: v.float() for k, v in tensors.items()}, {**meta, "dtype": "float32"})
+    rep = C.check_file(tmp_path / "d.safetensors")
+    assert rep.tolerance == "fp32" and rep.ok, rep.text()
+    C.write_dump(tmp_path / "b.safetensors", {k: v.to(torch.bfloat16) for k, v in tensors.items()},
+                 {**meta, "dtype": "bfloat16"})
+    with pytest.raises(MinicaiError, match="exact check needs a float64 dump"):
+        C.check_file(tmp_path / "b.safetensors", tolerance="exact")
+    assert C.check_file(tmp_path / "b.safetensors").tolerance == "bf16"
+    with pytest.raises(MinicaiError, match="no such file"):
+        C.check_file(tmp_path / "missing.safetensors")
+    (tmp_path / "d.json").write_text("{\n oops\n}")
+    with pytest.raises(MinicaiError, match=r"d.json:2"):
+        C.check_file(tmp_path / "d.safetensors")
+
+
+def test_cli_check_exit_codes(tmp_path, capsys):
+    from minicai.oracle.__main__ import main
+
+    tensors, meta = synthetic_dump("trl-ppo")
+    C.write_dump(tmp_path / "d.safetensors", tensors, meta)
+    assert main(["check", str(tmp_path / "d.safetensors")]) == 0
+    assert "RESULT: pass" in capsys.readouterr().out
+    tensors["kl"] = -tensors["kl"]
+    C.write_dump(tmp_path / "d.safetensors", tensors, meta)
+    assert main(["check", str(tmp_path / "d.safetensors"), "--convention", "trl-ppo"]) == 1
+    assert "FIRST DIVERGENCE: kl" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "nope.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

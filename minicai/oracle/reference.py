@@ -40,18 +40,26 @@ def response_mask(conv: Convention, ids: Tensor, eos_id: int, pad_id: int) -> Te
 
 
 def _extend(mask: Tensor, k: int) -> Tensor:
-    """The mask with each row's run extended k slots to the right."""
-    out = mask
-    for _ in range(k):
-        out = torch.maximum(out, torch.nn.functional.pad(out[:, :-1], (1, 0)))
-    return out
+    """The mask plus the k slots after each row's last valid token (slots 0..k-1 for an empty row, as TRL's
+    `sequence_length + 1` and DeepSpeed-Chat's `ends` give)."""
+    if k == 0:
+        return mask
+    pos = torch.arange(mask.shape[1]).expand_as(mask)
+    last = last_valid(mask).unsqueeze(1)  # [B, 1], -1 for an empty row
+    return torch.maximum(mask, ((pos > last) & (pos <= last + k)).to(mask.dtype))
 
 
 def gae_mask(conv: Convention, mask: Tensor) -> Tensor:
     """Where rewards and values enter GAE: the valid tokens plus `value_extra` slots after them (TRL and
-    DeepSpeed-Chat keep the slot after the last valid token), or every position (fixed length, "all")."""
+    DeepSpeed-Chat keep the slot after the last valid token), or every position (fixed length, "all"). Conventions
+    whose recursion takes no mask (gae_hole "none") see no holes: every slot up to the last valid one counts."""
     m = f64(mask)
-    return torch.ones_like(m) if conv.value_mask == "all" else _extend(m, conv.value_extra)
+    if conv.value_mask == "all":
+        return torch.ones_like(m)
+    if conv.gae_hole == "none":  # no mask inside the recursion: everything up to the last valid token (+ extra)
+        pos = torch.arange(m.shape[1]).expand_as(m)
+        return (pos <= last_valid(m).unsqueeze(1) + conv.value_extra).to(D)
+    return _extend(m, conv.value_extra)
 
 
 def value_mask(conv: Convention, mask: Tensor) -> Tensor:
