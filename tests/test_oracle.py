@@ -154,11 +154,12 @@ def n_temperature(conv, T):
 def n_kl(conv, lp, rp, name):
     kind = dict(conv.kl_names)[name]
     d = lp - rp
-    clamp = kind in conv.kl_clamp_kinds
-    if clamp and conv.kl_log_ratio_clamp is not None:
-        d = min(max(d, -conv.kl_log_ratio_clamp), conv.kl_log_ratio_clamp)
+    if kind in conv.kl_log_ratio_clamp_kinds and conv.kl_log_ratio_clamp is not None:
+        lo, hi = conv.kl_log_ratio_clamp
+        d = d if lo is None else max(d, lo)
+        d = d if hi is None else min(d, hi)
     v = {"k1": d, "abs": abs(d), "k2": d * d / 2, "k3": math.expm1(-d) + d}[kind]
-    if clamp and conv.kl_result_clamp is not None:
+    if kind in conv.kl_clamp_kinds and conv.kl_result_clamp is not None:
         v = min(max(v, -conv.kl_result_clamp), conv.kl_result_clamp)
     return v
 
@@ -310,6 +311,8 @@ def naive(function, variant, x, p):
         out = []
         for b, (s, krow, mrow) in enumerate(zip(x["score"], x["kl"], x["mask"])):
             row = [-p["beta"] * (k if (m or conv.after_eos == "trained") else 0.0) + 0.0 for k, m in zip(krow, mrow)]
+            if conv.score_clip is not None:
+                s = min(max(s, -conv.score_clip), conv.score_clip)
             if "truncated" in x and x["truncated"][b]:
                 s = {"add": s - mag, "subtract": s - mag, "replace": -mag, "none": s}[conv.missing_eos]
             row[n_slot(conv, mrow)] += s

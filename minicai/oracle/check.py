@@ -51,11 +51,11 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
 
 STAGE_AXES = {
     "old_logprobs": ("logprob_temperature",),
-    "kl": ("kl_names", "kl_log_ratio_clamp", "kl_result_clamp", "kl_clamp_kinds"),
-    "token_rewards": ("score_position", "empty_row", "missing_eos", "after_eos"),
+    "kl": ("kl_names", "kl_log_ratio_clamp", "kl_log_ratio_clamp_kinds", "kl_result_clamp", "kl_clamp_kinds"),
+    "token_rewards": ("score_position", "empty_row", "missing_eos", "after_eos", "score_clip"),
     "advantages_raw": ("gae_hole", "value_extra", "value_mask"),
     "returns": ("gae_hole", "value_extra", "value_mask"),
-    "advantages": ("whiten_var", "whiten_eps", "whiten_eps_mode", "masked_mean_eps"),
+    "advantages": ("whiten_var", "whiten_eps", "whiten_eps_mode", "masked_mean_eps", "advantages_outside"),
     "pg_loss_tokens": ("log_ratio_clamp", "log_ratio_masked", "dual_clip"),
     "pg_loss": ("pg_agg", "log_ratio_clamp", "log_ratio_masked", "dual_clip"),
     "vf_loss": ("value_mask", "value_clip", "pg_agg"),
@@ -122,8 +122,13 @@ def _stage(name: str, conv: Convention, t: dict[str, Tensor], meta: dict) -> tup
     if name == "token_rewards" and has("scores", "kl", "token_rewards"):
         pen = meta.get("missing_eos_penalty") or 0.0
         pen = abs(pen) if conv.missing_eos == "subtract" else -abs(pen)
-        want = R.token_rewards(conv, t["scores"], t["kl"], m, meta.get("kl_coef", 0.0), t.get("truncated"), pen)
-        return want, torch.ones_like(m)  # every slot: a score in the wrong place is a difference
+        beta = meta.get("kl_coef", 0.0)
+        want = R.token_rewards(conv, t["scores"], t["kl"], m, beta, t.get("truncated"), pen)
+        # Every slot counts (a score in the wrong place is a difference), except slots outside the convention's GAE
+        # region that hold only their own KL penalty: frameworks that mask later may leave -beta * KL there.
+        got = _f(t["token_rewards"])
+        kl_only = (got - (-beta * _f(t["kl"]))).abs() <= 1e-6 * (1 + got.abs())
+        return want, 1.0 - ((R.gae_mask(conv, m) == 0) & kl_only).to(D)
     if name in ("advantages_raw", "returns") and has("token_rewards", "values", name):
         adv, ret = R.advantages(conv, t["token_rewards"], t["values"], m, meta.get("gamma", 1.0),
                                 meta.get("lam", 0.95))
@@ -170,7 +175,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.first is None and all(ok for _, ok, _ in self.invariants)
+        return self.first is None and all(ok for _, ok, _ in self.invariants)  # "EXPLAINED" is truthy
 
     def text(self) -> str:
         out = [f"dump {self.path}: declared {self.declared}, checked as {self.convention}, tolerance {self.tolerance}",
@@ -179,11 +184,13 @@ class Report:
             out.append(f"{r.quantity:<16} {r.max_diff:>10.3g} {r.median_diff:>13.3g} {r.tol:>16}  {r.verdict}"
                        + (f"  {r.note}" if r.note else ""))
         out.append("invariants:")
-        out += [f"  {'ok  ' if ok else 'FAIL'} {name}{': ' + note if note else ''}" for name, ok, note in self.invariants]
+        out += [f"  {ok if isinstance(ok, str) else 'ok' if ok else 'FAIL':<9} {name}{': ' + note if note else ''}"
+                for name, ok, note in self.invariants]
         if self.first is not None:
             out.append(f"FIRST DIVERGENCE: {self.first.quantity} at {self.first.where}; likely cause: {self.cause}")
         else:
             explained = [r.quantity for r in self.rows if r.verdict == "EXPLAINED"]
+            explained += [f"invariant '{name}'" for name, ok, _ in self.invariants if ok == "EXPLAINED"]
             out.append("RESULT: " + ("pass" if self.ok else "invariant failures") +
                        (f" (explained differences: {', '.join(explained)})" if explained else ""))
         return "\n".join(out)
@@ -272,7 +279,7 @@ def check(tensors: dict[str, Tensor], meta: dict, convention: str | None = None,
             rep.first = row
             rep.cause = row.note or _cause(stage, got, want, m, where)
         rep.rows.append(row)
-    _invariants(rep, tensors, meta, m, tol)
+    _invariants(rep, conv, tensors, meta, m, tol)
     return rep
 
 
@@ -301,7 +308,7 @@ def _explain(stage, conv, declared, tensors, meta, got, atol, rtol, bf16) -> str
     return ""
 
 
-def _invariants(rep: Report, t: dict[str, Tensor], meta: dict, m: Tensor, tol: str) -> None:
+def _invariants(rep: Report, conv: Convention, t: dict[str, Tensor], meta: dict, m: Tensor, tol: str) -> None:
     sel = m.bool()
     if "new_logprobs" in t and "old_logprobs" in t and meta.get("first_minibatch", False):
         dev = float((torch.exp(_f(t["new_logprobs"]) - _f(t["old_logprobs"])) - 1).abs()[sel].max())
@@ -320,8 +327,20 @@ def _invariants(rep: Report, t: dict[str, Tensor], meta: dict, m: Tensor, tol: s
     if "advantages" in t and meta.get("whiten_advantages", True):
         nz = _f(t["advantages"]) != 0
         n_nz, n_valid = int(nz.sum()), int(sel.sum())
-        rep.invariants.append(("advantages non-zero on exactly the valid tokens",
-                               bool((nz == sel).all()), f"{n_nz} non-zero, {n_valid} valid"))
+        if conv.advantages_outside == "zero":
+            exact = bool((nz == sel).all())
+            declared = PROFILES.get(rep.declared)
+            if not exact and declared is not None and declared.advantages_outside == "left" and bool(nz[sel].all()):
+                rep.invariants.append(("advantages non-zero on exactly the valid tokens", "EXPLAINED",
+                                       f"{n_nz} non-zero, {n_valid} valid; by {declared.name} (advantages_outside: "
+                                       f"'zero' -> 'left')"))
+            else:
+                rep.invariants.append(("advantages non-zero on exactly the valid tokens", exact,
+                                       f"{n_nz} non-zero, {n_valid} valid"))
+        else:  # the convention leaves whatever whitening gives outside the mask (the loss masks it)
+            rep.invariants.append(("advantages non-zero on every valid token", bool(nz[sel].all()),
+                                   f"{int(nz[sel].sum())} of {n_valid}; {n_nz - int(nz[sel].sum())} non-zero outside "
+                                   f"the mask, which {conv.name} leaves ({conv.sources['advantages_outside']})"))
 
 
 def check_file(path: str | Path, convention: str | None = None, tolerance: str | None = None) -> Report:

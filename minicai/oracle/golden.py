@@ -152,8 +152,8 @@ def _cases() -> list[dict]:
 
     # 1. unequal right padding
     add("rewards-unequal-right-padding", "token_rewards",
-        "Score placement and KL masking with rows of lengths 4, 2, 6 (full) and 1.",
-        {"score": [1.0, -2.0, 0.5, 3.0], "kl": [[0.1, -0.2, 0.3, 0.05, G, G], [0.2, 0.1, G, G, G, G],
+        "Score placement, KL masking and score clips (12 > 10 > 5) with rows of lengths 4, 2, 6 (full) and 1.",
+        {"score": [1.0, -2.0, 0.5, 12.0], "kl": [[0.1, -0.2, 0.3, 0.05, G, G], [0.2, 0.1, G, G, G, G],
                                                 [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], [0.7, G, G, G, G, G]],
          "mask": RAGGED_MASK}, {"beta": 0.1}, catches=["trl#1893", "trl#3750", "DeepSpeedExamples#672"])
     add("gae-unequal-right-padding", "advantages", "GAE with gamma 1, lambda 0.95 over ragged rows.",
@@ -215,8 +215,9 @@ def _cases() -> list[dict]:
     add("group-single-sample", "group_advantages", "G = 1: no spread, and no leave-one-out baseline.",
         {"scores": [[5.0], [-2.0]]}, variants=list(R.GROUP_ESTIMATORS), catches=["verl#6310"])
     # 7. log-ratios of 11 and 25 (clamps), and every advertised KL name; 10. tiny differences
-    add("kl-log-ratio-11-and-25", "kl", "d = +-11 and +-25: OpenRLHF clamps the estimate at 10, verl d at 20.",
-        {"logp": [[-1.0, -26.0, -12.0, -30.0]], "ref_logp": [[-12.0, -1.0, -1.0, -5.0]]},
+    add("kl-log-ratio-11-and-25", "kl",
+        "d = +-11, +-25 and +-10.5: OpenRLHF clamps the estimate at 10 (and k3's d below at -10), verl d at 20.",
+        {"logp": [[-1.0, -26.0, -12.0, -30.0, -1.0, -11.5]], "ref_logp": [[-12.0, -1.0, -1.0, -5.0, -11.5, -1.0]]},
         catches=["OpenRLHF d90b3d1f", "verl#6058", "verl#2953"])
     add("kl-tiny-differences", "kl", "d = 1e-4 .. 1e-9: k3 = exp(-d) - 1 + d cancels in float32/bf16.",
         {"logp": [[-1.0001, -2.00001, -0.5000001, -3.000000001]], "ref_logp": [[-1.0, -2.0, -0.5, -3.0]]},

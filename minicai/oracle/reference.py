@@ -105,11 +105,10 @@ def kl(conv: Convention, logp: Tensor, ref_logp: Tensor, name: str, logits: Tens
         lp, lq = torch.log_softmax(f64(logits) / t, -1), torch.log_softmax(f64(ref_logits) / t, -1)
         return (lp.exp() * (lp - lq)).sum(-1)
     d = f64(logp) - f64(ref_logp)
-    clamped = kind in conv.kl_clamp_kinds
-    if clamped and conv.kl_log_ratio_clamp is not None:
-        d = d.clamp(-conv.kl_log_ratio_clamp, conv.kl_log_ratio_clamp)
+    if kind in conv.kl_log_ratio_clamp_kinds and conv.kl_log_ratio_clamp is not None:
+        d = d.clamp(*conv.kl_log_ratio_clamp)
     out = L.kl_penalty(d, torch.zeros_like(d), kind)
-    if clamped and conv.kl_result_clamp is not None:
+    if kind in conv.kl_clamp_kinds and conv.kl_result_clamp is not None:
         out = out.clamp(-conv.kl_result_clamp, conv.kl_result_clamp)
     return out
 
@@ -151,6 +150,8 @@ def score_slot(conv: Convention, mask: Tensor) -> Tensor:
 def final_score(conv: Convention, score: Tensor, truncated: Tensor | None, penalty: float) -> Tensor:
     """The score after the missing-EOS rule: add a penalty <= 0, subtract a penalty >= 0, or replace the score."""
     s = f64(score)
+    if conv.score_clip is not None:
+        s = s.clamp(-conv.score_clip, conv.score_clip)
     if truncated is None or conv.missing_eos == "none":
         return s
     tr = truncated.bool()
