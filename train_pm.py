@@ -118,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("preference model (paper section 4.1; minicai/reward.py)")
     g.add_argument("--pm-init", default=None, help="model the PM starts from (default: --policy, the SL-CAI model)")
     g.add_argument("--head-init", choices=("zero", "normal"), default="zero",
-                   help="initial scalar head: zero (all scores 0 at the start) or normal (default: zero)")
+                   help="initial scalar head: zero (all scores 0 at the start: no preference; the first step then "
+                        "moves only the head) or normal (N(0, 1/(d+1)), as lm-human-preferences) (default: zero)")
     g.add_argument("--pm-epochs", type=int, default=1, help="passes over the training pairs (default: 1)")
     g.add_argument("--pm-batch-size", type=int, default=4, help="pairs per step, 2 sequences each (default: 4)")
     g.add_argument("--pm-lr", type=float, default=1e-5, help="AdamW learning rate of the trunk (default: 1e-5)")

@@ -411,3 +411,18 @@ def test_values_are_read_at_the_state_before_each_token():
             assert not torch.allclose(ro.values[i, : n - 1].double(), v[P : P - 1 + n], atol=1e-4)
             checked += 1
     assert checked >= 3
+
+
+def test_rl_responses_reach_the_pm_stripped_like_its_training_pairs(tiny_tokenizer_dir):
+    """One rule for the PM's input: train_pm samples its pairs stripped of surrounding whitespace, so the text of an
+    RL response (decoded from the policy's tokens) is stripped the same way before the PM reads it."""
+    from minicai.reward import conversation_ids
+    from minicai.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tiny_tokenizer_dir)
+    pm = RewardModel.from_lm(random_model(tiny_config(vocab_size=tok.vocab_size), seed=5), head_init="normal")
+    assert conversation_ids(tok, "Hi?", "  Hello there.\n\n") == conversation_ids(tok, "Hi?", "Hello there.")
+    spaced, plain = tok.encode("  Hello there.\n"), tok.encode("Hello there.")
+    assert spaced != plain  # the policy's tokens do carry the whitespace
+    scores = ppo.score_with_pm(pm, tok, tok, ["Hi?", "Hi?"], [spaced, plain])
+    assert scores[0] == scores[1]
