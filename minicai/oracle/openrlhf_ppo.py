@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
+from minicai import MinicaiError
 from minicai.oracle.check import write_dump
 from minicai.oracle.tiny_models import EOS_ID, PAD_ID, VOCAB, models
 
@@ -42,8 +43,8 @@ def load(root: str | Path) -> SimpleNamespace:
     """OpenRLHF's PPO modules from an unpacked package at `root` (the directory holding openrlhf/)."""
     root = Path(root)
     if not (root / "openrlhf" / "models" / "loss.py").is_file():
-        raise FileNotFoundError(f"{root}: no openrlhf/models/loss.py; pip install --no-deps --target {root} "
-                                "openrlhf==0.11.2")
+        raise MinicaiError(f"{root}: no openrlhf/models/loss.py (fix: pip install --no-deps --target {root} "
+                           "openrlhf==0.11.2)")
     saved = {k: v for k, v in sys.modules.items() if k == "openrlhf" or k.startswith("openrlhf.")
              or k in ("ray", "deepspeed")}
     try:
@@ -179,5 +180,9 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         print("usage: python3 -m minicai.oracle.openrlhf_ppo OPENRLHF_ROOT OUT.safetensors", file=sys.stderr)
         sys.exit(2)
-    run(sys.argv[1], sys.argv[2])
+    try:
+        run(sys.argv[1], sys.argv[2])
+    except MinicaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")

@@ -132,5 +132,10 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python3 -m minicai.oracle.trl_ppo OUT.safetensors", file=sys.stderr)
         sys.exit(2)
-    run(sys.argv[1])
+    try:
+        run(sys.argv[1])
+    except ImportError as err:
+        print(f"error: {err} (fix: pip install trl==1.12.0 datasets accelerate, without upgrading torch)",
+              file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {sys.argv[1]} and {Path(sys.argv[1]).with_suffix('.json')}")
