@@ -501,3 +501,28 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     assert "FIRST DIVERGENCE: kl" in capsys.readouterr().out
     assert main(["check", str(tmp_path / "nope.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def grpo_dump(estimator="grpo-verl"):
+    scores = t([1.0, 2.0, 4.0, 0.5, 0.5, 3.0])
+    group = torch.tensor([0, 1, 0, 1, 0, 1])  # two prompts, interleaved rows
+    mask = t([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = torch.zeros(6, dtype=D)
+    for g in (0, 1):
+        rows = (group == g).nonzero().flatten()
+        adv[rows] = R.group_advantages(scores[rows].unsqueeze(0), estimator)[0]
+    tensors = {"response_mask": mask, "scores": scores, "group_index": group, "advantages": adv[:, None] * mask}
+    return tensors, {"convention": "verl", "dtype": "float64", "group_estimator": estimator}
+
+
+def test_checker_grpo_group_advantages():
+    rep = C.check(*grpo_dump())
+    assert rep.ok and [r.quantity for r in rep.rows] == ["group_advantages"], rep.text()
+    tensors, meta = grpo_dump("grpo-trl")  # computed with TRL's eps (1e-4), declared as verl's (1e-6)
+    rep = C.check(tensors, {**meta, "group_estimator": "grpo-verl"})
+    assert rep.rows[0].verdict == "EXPLAINED" and "grpo-trl" in rep.rows[0].note
+    tensors, meta = grpo_dump()
+    s = tensors["scores"]  # planted: baseline and std over the whole batch instead of each group
+    tensors["advantages"] = ((s - s.mean()) / (s.std() + 1e-6))[:, None] * tensors["response_mask"]
+    rep = C.check(tensors, meta)
+    assert rep.first.quantity == "group_advantages" and "group baseline" in rep.cause

@@ -15,7 +15,9 @@ A dump is two files side by side:
   NAME.json         the sidecar: framework, version, convention (a profile name), dtype (float64 | float32 |
                     bfloat16: what the framework computed in), temperature, kl_coef, kl_estimator, gamma, lam,
                     clip_low, clip_high, value_clip, loss_agg_mode, missing_eos_penalty, whiten_advantages,
-                    first_minibatch (true when new_logprobs come from the first minibatch before any update).
+                    first_minibatch (true when new_logprobs come from the first minibatch before any update),
+                    group_estimator (GRPO family: a reference.GROUP_ESTIMATORS name; then `advantages` are checked
+                    as each row's group advantage on its valid tokens).
 
 Each stage is recomputed from the dump's own upstream tensors (teacher forcing), so the first stage that disagrees
 is where the bug is, not smeared over everything after it. A stage that disagrees under the convention being checked
@@ -60,10 +62,11 @@ STAGE_AXES = {
     "pg_loss": ("pg_agg", "log_ratio_clamp", "log_ratio_masked", "dual_clip"),
     "vf_loss": ("value_mask", "value_clip", "pg_agg"),
     "entropy_tokens": ("entropy_logits", "logprob_temperature"),
+    "group_advantages": (),  # GRPO family: named by reference.GROUP_ESTIMATORS, not by a profile axis
 }
 STAGE_GROUP = {"old_logprobs": "logprobs", "kl": "kl", "token_rewards": "rewards", "advantages_raw": "rewards",
                "returns": "rewards", "advantages": "whitened", "pg_loss_tokens": "loss", "pg_loss": "loss",
-               "vf_loss": "loss", "entropy_tokens": "entropy"}
+               "vf_loss": "loss", "entropy_tokens": "entropy", "group_advantages": "whitened"}
 
 
 def write_dump(path: str | Path, tensors: dict[str, Tensor], meta: dict) -> None:
@@ -133,7 +136,10 @@ def _stage(name: str, conv: Convention, t: dict[str, Tensor], meta: dict) -> tup
         adv, ret = R.advantages(conv, t["token_rewards"], t["values"], m, meta.get("gamma", 1.0),
                                 meta.get("lam", 0.95))
         return (adv if name == "advantages_raw" else ret), R.gae_mask(conv, m)
-    if name == "advantages" and has("advantages_raw", "advantages") and meta.get("whiten_advantages", True):
+    if name == "group_advantages" and has("group_index", "scores", "advantages") and meta.get("group_estimator"):
+        return _group_advantages(t, meta["group_estimator"]) * m, m
+    if name == "advantages" and has("advantages_raw", "advantages") and meta.get("whiten_advantages", True) \
+            and not meta.get("group_estimator"):
         return R.whiten(conv, t["advantages_raw"], m), m
     if name in ("pg_loss_tokens", "pg_loss") and has("new_logprobs", "old_logprobs", "advantages", name):
         per_tok, _ = R.policy_loss_tokens(conv, t["new_logprobs"], t["old_logprobs"], t["advantages"], m,
@@ -146,6 +152,21 @@ def _stage(name: str, conv: Convention, t: dict[str, Tensor], meta: dict) -> tup
     if name == "entropy_tokens" and has("logits", "entropy_tokens") and conv.entropy_logits != "none":
         return R.entropy_tokens(conv, t["logits"], T), m
     return None
+
+
+def _group_advantages(t: dict[str, Tensor], estimator: str) -> Tensor:
+    """Each row's sequence-level advantage under a GRPO-family estimator, from `scores` [B] and `group_index` [B]
+    (rows with one index are the samples of one prompt; every group must have the same size): [B, 1]."""
+    idx = t["group_index"].long()
+    groups = idx.unique()  # sorted
+    rows = [(idx == g).nonzero().flatten() for g in groups]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"groups of different sizes {sorted({len(r) for r in rows})}; every prompt needs G samples")
+    order = torch.stack(rows)  # [P, G] row numbers
+    adv = R.group_advantages(_f(t["scores"])[order], estimator)  # [P, G]
+    out = torch.zeros(idx.shape[0], dtype=D)
+    out[order.flatten()] = adv.flatten()
+    return out.unsqueeze(1)
 
 
 STAGES = tuple(STAGE_AXES)
@@ -232,6 +253,8 @@ def _cause(stage: str, got: Tensor, want: Tensor, mask: Tensor, where: tuple) ->
         return "whitening: biased vs unbiased variance, statistics over padding or another scope (trl#153)"
     if stage in ("pg_loss", "pg_loss_tokens"):
         return "loss aggregation / normaliser, dual-clip or log-ratio clamp (verl#3741, verl#5625)"
+    if stage == "group_advantages":
+        return "group baseline or scale: std over the wrong set (batch vs group), Bessel, or the eps on the std"
     if stage == "vf_loss":
         return "value mask or value clip range"
     return "temperature of the entropy (OpenRLHF#1319)"
@@ -261,7 +284,7 @@ def check(tensors: dict[str, Tensor], meta: dict, convention: str | None = None,
             res, refusal = (), str(err)
         if res is None:
             continue
-        got = _f(tensors[stage])
+        got = _f(tensors["advantages" if stage == "group_advantages" else stage])
         if res == ():
             row = Row(stage, math.nan, math.nan, f"{tol}:{atol:g}", "MISMATCH", note=f"{name} refuses: {refusal}")
             mask = want = None
@@ -271,7 +294,13 @@ def check(tensors: dict[str, Tensor], meta: dict, convention: str | None = None,
             mx, med, passes, where = _compare(got, want, mask, atol, rtol, tol == "bf16")
             row = Row(stage, mx, med, f"{tol}:{atol:g}", "ok" if passes else "MISMATCH", where=where)
             passes = passes
-        if row.verdict == "MISMATCH":
+        if row.verdict == "MISMATCH" and stage == "group_advantages":
+            for est in R.GROUP_ESTIMATORS:
+                alt = _stage(stage, conv, tensors, {**meta, "group_estimator": est})
+                if est != meta["group_estimator"] and _compare(got, alt[0], alt[1], atol, rtol, tol == "bf16")[2]:
+                    row.verdict, row.note = "EXPLAINED", f"by the {est} estimator ({R.GROUP_ESTIMATORS[est]})"
+                    break
+        elif row.verdict == "MISMATCH":
             explained = _explain(stage, conv, declared, tensors, meta, got, atol, rtol, tol == "bf16")
             if explained:
                 row.verdict, row.note = "EXPLAINED", explained
