@@ -526,3 +526,22 @@ def test_checker_grpo_group_advantages():
     tensors["advantages"] = ((s - s.mean()) / (s.std() + 1e-6))[:, None] * tensors["response_mask"]
     rep = C.check(tensors, meta)
     assert rep.first.quantity == "group_advantages" and "group baseline" in rep.cause
+
+
+def test_cases_entry_point_for_other_frameworks_tests():
+    """What a framework's own test would do: run its GAE on every case with the verl profile's expectations."""
+    seen = 0
+    for id_, x, p, want, tol in golden.cases("advantages", "verl"):
+        m = x["mask"]
+        # verl's rule, written the way a framework would (skip masked tokens, carry V and A across them)
+        adv = torch.zeros_like(x["rewards"])
+        nv = na = torch.zeros(m.shape[0], dtype=D)
+        for t_ in reversed(range(m.shape[1])):
+            r = torch.where(m[:, t_].bool(), x["rewards"][:, t_], t(0.0))
+            v = torch.where(m[:, t_].bool(), x["values"][:, t_], t(0.0))
+            a = r + p["gamma"] * nv - v + p["gamma"] * p["lam"] * na
+            adv[:, t_] = torch.where(m[:, t_].bool(), a, t(0.0))
+            nv, na = torch.where(m[:, t_].bool(), v, nv), torch.where(m[:, t_].bool(), a, na)
+        torch.testing.assert_close(adv, want["advantages"], rtol=1e-12, atol=1e-12, equal_nan=True)
+        seen += 1
+    assert seen == 3 and tol == "exact"

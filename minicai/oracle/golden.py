@@ -278,6 +278,23 @@ def generate(out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def cases(function: str | None = None, variant: str | None = None):
+    """Golden cases for another framework's unit tests, built in memory (no files needed):
+    yields (id, inputs, params, expected outputs, tolerance) for each case of `function` with an entry for
+    `variant` (a profile, mode or estimator name), tensors as float64 (ids and masks as given). For example,
+        for id_, x, p, want, tol in cases("advantages", "verl"):
+            adv, ret = my_gae(x["rewards"], x["values"], x["mask"], p["gamma"], p["lam"])"""
+    for case in build():
+        if function is not None and case["function"] != function:
+            continue
+        for v, want in case["expected"].items():
+            if variant is None or v == variant:
+                inputs = {k: tensor(val, torch.long if k in ("ids", "tokens", "truncated") else D)
+                          for k, val in case["inputs"].items()}
+                expected = {k: val if k == "error" else tensor(encode(val)) for k, val in want.items()}
+                yield case["id"], inputs, case["params"], expected, case["tolerance"]
+
+
 def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
