@@ -278,35 +278,28 @@ def check(tensors: dict[str, Tensor], meta: dict, convention: str | None = None,
     m = _f(tensors["response_mask"])
     for stage in STAGES:
         atol, rtol = TOLERANCES[tol][STAGE_GROUP[stage]]
+        refusal = ""
         try:
             res = _stage(stage, conv, tensors, meta)
         except ValueError as err:  # the convention cannot compute this stage on these inputs
-            res, refusal = (), str(err)
-        if res is None:
-            continue
+            res, refusal = None, str(err)
+        if res is None and not refusal:
+            continue  # the dump lacks this stage's inputs
         got = _f(tensors["advantages" if stage == "group_advantages" else stage])
-        if res == ():
+        if refusal:
             row = Row(stage, math.nan, math.nan, f"{tol}:{atol:g}", "MISMATCH", note=f"{name} refuses: {refusal}")
-            mask = want = None
-            where = ()
         else:
             want, mask = res
             mx, med, passes, where = _compare(got, want, mask, atol, rtol, tol == "bf16")
             row = Row(stage, mx, med, f"{tol}:{atol:g}", "ok" if passes else "MISMATCH", where=where)
-            passes = passes
-        if row.verdict == "MISMATCH" and stage == "group_advantages":
-            for est in R.GROUP_ESTIMATORS:
-                alt = _stage(stage, conv, tensors, {**meta, "group_estimator": est})
-                if est != meta["group_estimator"] and _compare(got, alt[0], alt[1], atol, rtol, tol == "bf16")[2]:
-                    row.verdict, row.note = "EXPLAINED", f"by the {est} estimator ({R.GROUP_ESTIMATORS[est]})"
-                    break
-        elif row.verdict == "MISMATCH":
-            explained = _explain(stage, conv, declared, tensors, meta, got, atol, rtol, tol == "bf16")
-            if explained:
-                row.verdict, row.note = "EXPLAINED", explained
+        if row.verdict == "MISMATCH":
+            explain = _explain_group if stage == "group_advantages" else _explain
+            note = explain(stage, conv, declared, tensors, meta, got, atol, rtol, tol == "bf16")
+            if note:
+                row.verdict, row.note = "EXPLAINED", note
         if row.verdict == "MISMATCH" and rep.first is None:
             rep.first = row
-            rep.cause = row.note or _cause(stage, got, want, m, where)
+            rep.cause = row.note or _cause(stage, got, want, m, row.where)
         rep.rows.append(row)
     _invariants(rep, conv, tensors, meta, m, tol)
     return rep
@@ -334,6 +327,15 @@ def _explain(stage, conv, declared, tensors, meta, got, atol, rtol, bf16) -> str
                  if _reproduces(stage, dataclasses.replace(conv, **{a: vb}), tensors, meta, got, atol, rtol, bf16)]
         shown = alone or axes
         return f"by {other} ({'; '.join(f'{a}: {va!r} -> {vb!r}' for a, va, vb in shown) or 'same axes'})"
+    return ""
+
+
+def _explain_group(stage, conv, declared, tensors, meta, got, atol, rtol, bf16) -> str:
+    """'by the NAME estimator (...)' when another GRPO-family estimator reproduces the dump's advantages."""
+    for est, spec in R.GROUP_ESTIMATORS.items():
+        if est != meta["group_estimator"] and _reproduces(stage, conv, tensors, {**meta, "group_estimator": est},
+                                                          got, atol, rtol, bf16):
+            return f"by the {est} estimator ({spec})"
     return ""
 
 
