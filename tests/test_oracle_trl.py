@@ -2,7 +2,6 @@
 (opt in: python3 -m pytest -m slow tests/test_oracle_trl.py; about 15 s, needs trl, transformers, datasets)."""
 
 import pytest
-import torch
 
 from minicai.oracle import check as C
 

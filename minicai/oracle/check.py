@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from minicai import MinicaiError
-from minicai import losses as L
 from minicai.oracle import reference as R
 from minicai.oracle.conventions import PROFILES, Convention, diff
 
