@@ -368,7 +368,7 @@ def ppo_value_loss(
 
 GROUP_BASELINES = ("mean", "leave_one_out")
 GROUP_SCALES = ("std", "std_biased", "none")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 
 
 def group_advantages(scores: Tensor, baseline: str = "mean", scale: str = "std", eps: float = 1e-6) -> Tensor:
@@ -417,8 +417,10 @@ def aggregate_loss(
                                 so that the micro-batch losses add up to the batch's token mean whatever the split
       "seq-mean-token-mean"     mean over non-empty rows of each row's token mean (GRPO as published)
       "seq-mean-token-sum"      mean over non-empty rows of each row's token sum
-      "seq-mean-token-sum-norm" sum over all valid tokens / constant (Dr. GRPO; constant = B * max length in TRL,
-                                max length alone in verl, which is why verl's scales with the batch, verl #3741)
+      "seq-mean-token-sum-norm" sum over all valid tokens / constant (Dr. GRPO; constant = B * max length in TRL
+                                and in verl 0.9; verl 0.8 divided by the max length alone, so its loss grew with the
+                                batch, verl #3741)
+      "token-sum"               sum over valid tokens, no normaliser (verl 0.9)
     Rows with no valid token are left out of the row means; an empty batch gives 0."""
     _check_shapes(per_token=per_token, mask=mask)
     if mode not in AGG_MODES:
@@ -431,6 +433,8 @@ def aggregate_loss(
         if global_tokens <= 0:
             raise ValueError(f"global_tokens must be > 0, got {global_tokens}")
         return masked_sum(per_token, mask) / global_tokens
+    if mode == "token-sum":
+        return masked_sum(per_token, mask)
     if mode == "seq-mean-token-sum-norm":
         if constant is None or constant <= 0:
             raise ValueError(f"seq-mean-token-sum-norm divides by a constant > 0 (e.g. the maximum length), got {constant}")

@@ -496,6 +496,7 @@ def test_aggregate_loss_modes_by_hand():
     close(L.aggregate_loss(x, m, "seq-mean-token-mean"), (1.5 + 4) / 2)  # the empty row does not count
     close(L.aggregate_loss(x, m, "seq-mean-token-sum"), (3 + 4) / 2)
     close(L.aggregate_loss(x, m, "seq-mean-token-sum-norm", constant=9.0), 7 / 9)
+    close(L.aggregate_loss(x, m, "token-sum"), 7.0)
     close(L.aggregate_loss(x, m, global_tokens=10.0), 7 / 10)
     with pytest.raises(ValueError):
         L.aggregate_loss(x, m, "seq-mean-token-sum-norm")

@@ -217,6 +217,8 @@ def n_aggregate(per_tok, mask, mode, constant=None):
         return sum(toks) / max(len(toks), 1)
     if mode == "seq-mean-token-sum-norm":
         return sum(toks) / constant
+    if mode == "token-sum":
+        return sum(toks)
     nonempty = [r for r in rows if r]
     per_row = [sum(r) / len(r) if mode == "seq-mean-token-mean" else sum(r) for r in nonempty]
     return sum(per_row) / max(len(per_row), 1)

@@ -325,8 +325,16 @@ def _explain(stage, conv, declared, tensors, meta, got, atol, rtol, bf16) -> str
         alone = [(a, va, vb) for a, va, vb in axes
                  if _reproduces(stage, dataclasses.replace(conv, **{a: vb}), tensors, meta, got, atol, rtol, bf16)]
         shown = alone or axes
-        return f"by {other} ({'; '.join(f'{a}: {va!r} -> {vb!r}' for a, va, vb in shown) or 'same axes'})"
+        if stage == "kl":  # the whole name table is long: show only the name the dump used
+            name = meta.get("kl_estimator", "k1")
+            shown = [(a, (f"no {name!r}" if name not in dict(va) else f"{name!r} = {dict(va)[name]}"),
+                      f"{name!r} = {dict(vb).get(name)}") if a == "kl_names" else (a, va, vb) for a, va, vb in shown]
+        return f"by {other} ({'; '.join(f'{a}: {_show(va)} -> {_show(vb)}' for a, va, vb in shown) or 'same axes'})"
     return ""
+
+
+def _show(v) -> str:
+    return v if isinstance(v, str) and ("=" in v or v.startswith("no ")) else repr(v)
 
 
 def _explain_group(stage, conv, declared, tensors, meta, got, atol, rtol, bf16) -> str:

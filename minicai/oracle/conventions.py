@@ -91,6 +91,7 @@ TRL1 = "huggingface/trl@v1.12.0:trl/experimental/ppo/ppo_trainer.py"
 TRL011 = "huggingface/trl@v0.11.0:trl"
 ORLHF = "OpenRLHF/OpenRLHF@v0.11.2:openrlhf"
 VERL = "volcengine/verl@b178a3c:verl"
+VERL9 = "volcengine/verl@v0.9.1:verl"
 DSC = "deepspeedai/DeepSpeedExamples@45b4b71:applications/DeepSpeed-Chat/dschat/rlhf/ppo_trainer.py"
 MINI = "minicai/losses.py"
 
@@ -282,40 +283,40 @@ OPENRLHF = _profile(
 
 VERL_PROFILE = _profile(
     "verl", "volcengine/verl",
-    ">=0.4.1 (verl#2337 GAE skip), read at 0.8.0.dev",
+    ">=0.4.1 (verl#2337 GAE skip); read at 0.8.0.dev (b178a3c), core functions run at 0.9.1",
     logprob_temperature=("divide", f"{VERL}/workers/actor/dp_actor.py:259, 368"),
     kl_names=(
         (("kl", "k1"), ("k1", "k1"), ("abs", "abs"), ("mse", "k2"), ("k2", "k2"), ("low_var_kl", "k3"), ("k3", "k3"),
          ("k1+", "k1"), ("k2+", "k2"), ("k3+", "k3"), ("low_var_kl+", "k3")),
-        f"{VERL}/trainer/ppo/core_algos.py:1841-1902 ('+' names crash before verl#6058)",
+        f"{VERL9}/trainer/ppo/core_algos.py:2188-2250 ('+' names crashed before verl#6058)",
     ),
-    kl_log_ratio_clamp=((-20.0, 20.0), f"{VERL}/trainer/ppo/core_algos.py:1867-1902"),
-    kl_log_ratio_clamp_kinds=(("k3",), f"{VERL}/trainer/ppo/core_algos.py:1867-1902"),
-    kl_result_clamp=(10.0, f"{VERL}/trainer/ppo/core_algos.py:1867-1902"),
-    kl_clamp_kinds=(("k3",), f"{VERL}/trainer/ppo/core_algos.py:1867-1902"),
+    kl_log_ratio_clamp=((-20.0, 20.0), f"{VERL9}/trainer/ppo/core_algos.py:2237-2243"),
+    kl_log_ratio_clamp_kinds=(("k3",), f"{VERL9}/trainer/ppo/core_algos.py:2237-2243"),
+    kl_result_clamp=(10.0, f"{VERL9}/trainer/ppo/core_algos.py:2237-2243"),
+    kl_clamp_kinds=(("k3",), f"{VERL9}/trainer/ppo/core_algos.py:2237-2243"),
     score_clip=(None, f"{VERL}/workers/reward_manager/naive.py (no clip)"),
     mask_rule=("through_eos", f"{VERL}/utils/torch_functional.py:342-362 (get_response_mask)"),
-    score_position=("last_valid", f"{VERL}/workers/reward_manager/naive.py:70, 100"),
+    score_position=("last_valid", f"{VERL9}/workers/reward_manager/naive.py:153"),
     empty_row=("wraps_to_last", f"{VERL}/workers/reward_manager/naive.py:70 (index -1; verl PR #6310)"),
     missing_eos=("none", f"{VERL} (DAPO overlong reward, separate)"),
     after_eos=("masked", f"{VERL}/utils/torch_functional.py:342-362"),
     value_extra=(0, f"{VERL}/workers/critic/dp_critic.py:185-188 (verl#50)"),
-    gae_hole=("skip", f"{VERL}/trainer/ppo/core_algos.py:215-262 (verl#2337)"),
-    whiten_var=("unbiased", f"{VERL}/utils/torch_functional.py:304-319"),
-    whiten_eps=(1e-08, f"{VERL}/utils/torch_functional.py:322-339"),
-    whiten_eps_mode=("add", f"{VERL}/utils/torch_functional.py:322-339"),
-    masked_mean_eps=(1e-08, f"{VERL}/utils/torch_functional.py:287-301"),
+    gae_hole=("skip", f"{VERL9}/trainer/ppo/core_algos.py:216-265 (verl#2337)"),
+    whiten_var=("unbiased", f"{VERL9}/utils/torch_functional.py:311-327"),
+    whiten_eps=(1e-08, f"{VERL9}/utils/torch_functional.py:329-345"),
+    whiten_eps_mode=("add", f"{VERL9}/utils/torch_functional.py:329-345"),
+    masked_mean_eps=(1e-08, f"{VERL9}/utils/torch_functional.py:294-308"),
     whiten_scope=("the whole driver batch (global)", f"{VERL}/trainer/ppo/ray_trainer.py (compute_advantage)"),
     reward_whitening=("off", f"{VERL} (none)"),
     advantages_outside=("left", f"{VERL}/utils/torch_functional.py:322-339; core_algos.py:215-262 (skip carries A)"),
-    pg_agg=("token-mean", f"{VERL}/trainer/ppo/core_algos.py:1025-1081"),
-    log_ratio_clamp=(20.0, f"{VERL}/trainer/ppo/core_algos.py:1160-1250"),
-    log_ratio_masked=(False, f"{VERL}/trainer/ppo/core_algos.py:1160-1250"),
-    dual_clip=(3.0, f"{VERL}/trainer/ppo/core_algos.py:1160-1250"),
-    value_clip=(0.5, f"{VERL}/trainer/ppo/core_algos.py:1799-1838"),
-    value_mask=("valid", f"{VERL}/trainer/ppo/core_algos.py:1799-1838"),
+    pg_agg=("token-mean", f"{VERL9}/trainer/ppo/core_algos.py:1140-1210"),
+    log_ratio_clamp=(20.0, f"{VERL9}/trainer/ppo/core_algos.py:1336-1365"),
+    log_ratio_masked=(False, f"{VERL9}/trainer/ppo/core_algos.py:1336-1365"),
+    dual_clip=(3.0, f"{VERL9}/trainer/ppo/core_algos.py:1336-1365"),
+    value_clip=(0.5, f"{VERL9}/trainer/ppo/core_algos.py:2172-2186"),
+    value_mask=("valid", f"{VERL9}/trainer/ppo/core_algos.py:2172-2186"),
     entropy_logits=("tempered", f"{VERL}/workers/actor/dp_actor.py:373"),
-    adaptive_kl_input=("seq_token_mean", f"{VERL}/trainer/ppo/ray_trainer.py:100-104"),
+    adaptive_kl_input=("seq_token_mean", f"{VERL9}/trainer/ppo/ray_trainer.py:100-109"),
 )
 
 DEEPSPEED_CHAT = _profile(
