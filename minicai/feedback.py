@@ -31,8 +31,9 @@ Options: few-shot demos (labelled comparisons, shown as earlier questions with t
 (K principles per comparison, p(A) averaged), and chain of thought (the model first writes reasoning after
 "Let's think step by step:", then "\n\nThe answer is:" is scored; probabilities clamped to [0.4, 0.6] as in the
 paper). The paper's CoT prompts were few-shot: its demos (RLMadisonPrecogFewShotPrompts.json, load_cot_examples)
-are shown before a CoT question, with the question's principle and their reasoning and answer. The feedback model may differ from the policy: conversations pass between models as text and each model
-tokenises with its own tokenizer.
+are shown before a CoT question, with the question's principle and their reasoning and answer. The feedback model
+may differ from the policy: conversations pass between models as text and each model tokenises with its own
+tokenizer.
 """
 
 from __future__ import annotations

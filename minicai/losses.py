@@ -136,7 +136,7 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def entropy_from_logits(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Masked mean of the entropy -sum_v p_v log p_v (nats) of softmax(logits / temperature): [B, T, V], [B, T] -> scalar.
+    """Masked mean of the entropy -sum_v p_v log p_v (nats) of softmax(logits / T): [B, T, V], [B, T] -> scalar.
 
     The entropy of the sampling distribution needs the sampling temperature: pass raw logits and the temperature, or
     logits already divided by it and temperature=1 (never both; TRL and verl take the tempered entropy, OpenRLHF took
@@ -437,7 +437,8 @@ def aggregate_loss(
         return masked_sum(per_token, mask)
     if mode == "seq-mean-token-sum-norm":
         if constant is None or constant <= 0:
-            raise ValueError(f"seq-mean-token-sum-norm divides by a constant > 0 (e.g. the maximum length), got {constant}")
+            raise ValueError(f"seq-mean-token-sum-norm divides by a constant > 0 (e.g. the maximum length), "
+                             f"got {constant}")
         return masked_sum(per_token, mask) / constant
     row_sum = masked_sum(per_token, mask, dim=1)  # [B]
     count = _float_mask(mask, per_token).sum(dim=1)  # [B]

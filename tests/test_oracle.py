@@ -115,7 +115,8 @@ GOLDEN = Path(__file__).parent / "golden"
 def test_golden_files_regenerate_byte_for_byte(tmp_path):
     golden.generate(tmp_path)
     ours = sorted(p.name for p in GOLDEN.glob("*.json"))
-    assert ours == sorted(p.name for p in tmp_path.glob("*.json")), "run: python3 -m minicai.oracle generate tests/golden"
+    theirs = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert ours == theirs, "run: python3 -m minicai.oracle generate tests/golden"
     for name in ours:
         assert (GOLDEN / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
