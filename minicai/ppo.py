@@ -102,6 +102,8 @@ class PPOConfig:
             problems.append(f"temperature={self.temperature} (need > 0: PPO needs a sampling distribution)")
         if self.max_new_tokens < 1 or self.ppo_epochs < 1:
             problems.append("max_new_tokens and ppo_epochs must be >= 1")
+        if self.truncation_penalty > 0:
+            problems.append(f"truncation_penalty={self.truncation_penalty} (it is added to the score: need <= 0)")
         if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
             problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
         if problems:

@@ -426,3 +426,13 @@ def test_rl_responses_reach_the_pm_stripped_like_its_training_pairs(tiny_tokeniz
     assert spaced != plain  # the policy's tokens do carry the whitespace
     scores = ppo.score_with_pm(pm, tok, tok, ["Hi?", "Hi?"], [spaced, plain])
     assert scores[0] == scores[1]
+
+
+def test_a_positive_truncation_penalty_is_a_user_error():
+    """minicai adds the penalty to the score (TRL subtracts, lm-human-preferences replaces): +1 would reward
+    truncated responses, so the settings refuse it before any model is loaded."""
+    from minicai import MinicaiError
+
+    with pytest.raises(MinicaiError, match="truncation_penalty=1.0"):
+        ppo.PPOConfig(truncation_penalty=1.0)
+    assert ppo.PPOConfig(truncation_penalty=-1.0).truncation_penalty == -1.0
