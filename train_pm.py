@@ -40,7 +40,7 @@ from minicai import MinicaiError, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
 from minicai.data import append_jsonl, read_jsonl, read_prompts
-from minicai.feedback import FeedbackConfig, label_pairs, position_bias
+from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
 from minicai.reward import PMTrainConfig, RewardModel, evaluate_preference_model, train_preference_model
 from minicai.sampling import generate, response_ids
 
@@ -101,7 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how many of them (the first N; alternately answered (A) and (B)) (default: 2)")
     g.add_argument("--cot", action="store_true",
                    help="chain of thought: sample reasoning after \"Let's think step by step:\" first, then score "
-                        "the answer; probabilities are clamped (few-shot demos are not shown in this mode)")
+                        "the answer; probabilities are clamped; the CoT demos below replace --fewshot in this mode")
+    g.add_argument("--cot-fewshot", default=str(DEFAULT_COT_FILE),
+                   help="chain-of-thought demos shown before each CoT question (the paper's CoT prompts were "
+                        "few-shot): RLMadisonPrecogFewShotPrompts.json layout, or 'none' (default: the paper's file)")
+    g.add_argument("--cot-fewshot-count", type=int, default=2,
+                   help="how many CoT demos (the first N; the paper's file has 6, about 300 tokens each) (default: 2)")
     g.add_argument("--cot-max-tokens", type=int, default=96, help="max tokens of reasoning (default: 96)")
     g.add_argument("--cot-temperature", type=float, default=1.0,
                    help="sampling temperature of the reasoning (default: 1.0)")
@@ -113,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("preference model (paper section 4.1; minicai/reward.py)")
     g.add_argument("--pm-init", default=None, help="model the PM starts from (default: --policy, the SL-CAI model)")
     g.add_argument("--head-init", choices=("zero", "normal"), default="zero",
-                   help="initial scalar head: zero (all scores 0 at the start) or normal (default: zero)")
+                   help="initial scalar head: zero (all scores 0 at the start: no preference; the first step then "
+                        "moves only the head) or normal (N(0, 1/(d+1)), as lm-human-preferences) (default: zero)")
     g.add_argument("--pm-epochs", type=int, default=1, help="passes over the training pairs (default: 1)")
     g.add_argument("--pm-batch-size", type=int, default=4, help="pairs per step, 2 sequences each (default: 4)")
     g.add_argument("--pm-lr", type=float, default=1e-5, help="AdamW learning rate of the trunk (default: 1e-5)")
@@ -127,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep raw scores; by default an offset is stored so the PM's mean score on the policy's "
                         "held-out samples is 0 (the RL stage then starts near reward 0)")
     args = p.parse_args(argv)
-    for name in ("num_red_team", "num_helpful", "fewshot_count", "eval_pairs", "pm_warmup"):
+    for name in ("num_red_team", "num_helpful", "fewshot_count", "cot_fewshot_count", "eval_pairs", "pm_warmup"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("max_new_tokens", "gen_batch_size", "principles", "label_batch_size", "pm_epochs",
@@ -232,10 +238,13 @@ def feedback_config(args) -> FeedbackConfig:
     examples = []
     if args.fewshot.lower() != "none" and args.fewshot_count > 0 and not args.cot:
         examples = load_comparison_examples(args.fewshot)[: args.fewshot_count]
+    cot_examples = []
+    if args.cot and args.cot_fewshot.lower() != "none" and args.cot_fewshot_count > 0:
+        cot_examples = load_cot_examples(args.cot_fewshot)[: args.cot_fewshot_count]
     return FeedbackConfig(chat=args.format == "chat", principles=args.principles, debias=not args.no_debias,
                           cot=args.cot, cot_max_tokens=args.cot_max_tokens,
                           cot_temperature=args.cot_temperature, clamp=(args.clamp_low, args.clamp_high),
-                          examples=examples, batch_size=max(2, 2 * args.label_batch_size))
+                          examples=examples, cot_examples=cot_examples, batch_size=max(2, 2 * args.label_batch_size))
 
 
 def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]:

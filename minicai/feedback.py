@@ -30,8 +30,10 @@ responses swapped, and p(A) is the average of p(A) and 1 - p(A) of the swapped q
 Options: few-shot demos (labelled comparisons, shown as earlier questions with their answers), principle ensembling
 (K principles per comparison, p(A) averaged), and chain of thought (the model first writes reasoning after
 "Let's think step by step:", then "\n\nThe answer is:" is scored; probabilities clamped to [0.4, 0.6] as in the
-paper). The feedback model may differ from the policy: conversations pass between models as text and each model
-tokenises with its own tokenizer.
+paper). The paper's CoT prompts were few-shot: its demos (RLMadisonPrecogFewShotPrompts.json, load_cot_examples)
+are shown before a CoT question, with the question's principle and their reasoning and answer. The feedback model
+may differ from the policy: conversations pass between models as text and each model tokenises with its own
+tokenizer.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ COT_CUE = "Let's think step by step:"
 COT_STOPS = ("The answer is", "\n\nHuman:", "\n\nAssistant:", INTRO)
 
 DEFAULT_HHH_FILE = SHARED_DIR / "data" / "cai-paper" / "438HHHEvaluations.jsonl"
+DEFAULT_COT_FILE = SHARED_DIR / "data" / "cai-paper" / "RLMadisonPrecogFewShotPrompts.json"  # the paper's CoT demos
 _SPEAKERS = {"user": "Human", "assistant": "Assistant"}
 
 
@@ -88,7 +91,7 @@ def raw_question(conversation: list[dict], principle: str, response_a: str, resp
 
 
 def feedback_lead(tok, conversation: list[dict], principle: str, response_a: str, response_b: str,
-                  chat: bool = True, examples=()) -> str:
+                  chat: bool = True, examples=(), cot_examples=()) -> str:
     """The text the feedback model reads before the answer cue ("The answer is:" or "Let's think step by step:").
 
     raw:  few-shot demos, then "\\n\\n" + question body + "\\n\\n".
@@ -96,20 +99,64 @@ def feedback_lead(tok, conversation: list[dict], principle: str, response_a: str
           ending with the assistant's generation prompt.
     examples: constitution.ComparisonExample few-shot demos. Demo i shows the better response as (A) when i is even
     and as (B) when i is odd (balanced, so the demos teach no position preference), answered with the same principle.
+    cot_examples: CotExample demos (the paper's CoT prompts were few-shot), shown first with the same principle,
+    each a question and its reasoning and answer.
     """
-    demos = []  # (body, answer)
+    demos = [cot_demo_text(ex, principle) for ex in cot_examples]  # (question, full reply)
     for i, ex in enumerate(examples):
         first, second, answer = (ex.better, ex.worse, ANSWERS[0]) if i % 2 == 0 else (ex.worse, ex.better, ANSWERS[1])
-        demos.append((comparison_body(ex.conversation, principle, first, second), answer))
+        demos.append((comparison_body(ex.conversation, principle, first, second), ANSWER_CUE + answer))
     body = comparison_body(conversation, principle, response_a, response_b)
     if not chat:
-        shots = "".join(f"\n\n{b}\n\n{ANSWER_CUE}{a}" for b, a in demos)
+        shots = "".join(f"\n\n{b}\n\n{a}" for b, a in demos)
         return f"{shots}\n\n{body}\n\n"
     messages = []
     for b, a in demos:
-        messages += [{"role": "user", "content": b}, {"role": "assistant", "content": ANSWER_CUE + a}]
+        messages += [{"role": "user", "content": b}, {"role": "assistant", "content": a}]
     messages.append({"role": "user", "content": body})
     return tok.render_prompt_text(messages, add_generation_prompt=True)
+
+
+@dataclass(frozen=True)
+class CotExample:
+    """One of the paper's chain-of-thought demos (RLMadisonPrecogFewShotPrompts.json): the question, with "{}" where
+    the principle goes, the reasoning written after "Let's think step by step:", and the answer (" (A)" or " (B)")."""
+
+    question: str
+    reasoning: str
+    answer: str
+
+
+def load_cot_examples(path=DEFAULT_COT_FILE) -> list[CotExample]:
+    """The paper's CoT few-shot demos. Each "prompt" reads "\n\nHuman: <question with {}>\n\nAssistant: Let's
+    think step by step:<reasoning>\n\nHuman:\nSo the answer is: (X)"."""
+    import json
+
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MinicaiError(f"{path}: no such file (fix: pass the paper's RLMadisonPrecogFewShotPrompts.json, or "
+                           "'none')") from None
+    except json.JSONDecodeError as e:
+        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    pattern = re.compile(r"\s*Human: (.*)\n\nAssistant: " + re.escape(COT_CUE) + r"(.*)\n\nHuman:\s*So the answer is:"
+                         r"( \([AB]\))\s*$", re.S)
+    out = []
+    for i, item in enumerate(items if isinstance(items, list) else [None]):
+        m = pattern.match(item.get("prompt", "")) if isinstance(item, dict) else None
+        if m is None or "{}" not in m.group(1):
+            raise MinicaiError(f"{path}: item {i} is not a CoT demo (fix: use the layout of "
+                               "RLMadisonPrecogFewShotPrompts.json: Human question with {}, Assistant reasoning, "
+                               "'So the answer is: (A)')")
+        out.append(CotExample(m.group(1), m.group(2).rstrip(), m.group(3)))
+    return out
+
+
+def cot_demo_text(ex: CotExample, principle: str) -> tuple[str, str]:
+    """(question, reply) of a CoT demo with `principle` in its "{}": the reply is the reasoning and the answer in
+    this module's words: "Let's think step by step: ...\n\nThe answer is: (X)"."""
+    return ex.question.replace("{}", principle.strip()), f"{COT_CUE}{ex.reasoning}\n\n{ANSWER_CUE}{ex.answer}"
 
 
 def cut_reasoning(text: str) -> str:
@@ -198,6 +245,7 @@ class FeedbackConfig:
     cot_temperature: float = 1.0
     clamp: tuple[float, float] = (0.4, 0.6)  # CoT probabilities are clamped into this range (paper: 40-60%)
     examples: list = field(default_factory=list)  # few-shot ComparisonExample demos (not shown in CoT mode)
+    cot_examples: list = field(default_factory=list)  # CotExample demos shown in CoT mode (the paper's were few-shot)
     batch_size: int = 8  # questions per forward pass
 
 
@@ -229,10 +277,12 @@ def label_pairs(model, tok, pairs: list[dict], principles: list[str], config: Fe
         drawn.append(ps)
         conv = [{"role": "user", "content": pair["prompt"]}]
         examples = [] if config.cot else config.examples
+        cot_examples = config.cot_examples if config.cot else []
         for j, principle in enumerate(ps):
             for swapped in ((False, True) if config.debias else (False,)):
                 a, b = (pair["response_b"], pair["response_a"]) if swapped else (pair["response_a"], pair["response_b"])
-                questions.append((n, j, swapped, feedback_lead(tok, conv, principle, a, b, config.chat, examples)))
+                questions.append((n, j, swapped, feedback_lead(tok, conv, principle, a, b, config.chat, examples,
+                                                               cot_examples)))
     reasoning = [""] * len(questions)
     if config.cot:
         lead_ids = [tok.encode(q[3] + COT_CUE) for q in questions]

@@ -54,10 +54,11 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of x over the elements where mask == 1 (a scalar over the whole batch).
+    """Variance of x over the elements where mask == 1 (a scalar over the whole batch); n = mask.sum().
 
-    unbiased=True applies Bessel's correction, n / (n - 1), as lm-human-preferences and TRL do; n = mask.sum().
-    Needs n >= 2 when unbiased (n >= 1 otherwise)."""
+    unbiased=True applies Bessel's correction, n / (n - 1), as TRL and verl do. unbiased=False is the population
+    variance sum (x - mean)^2 / n, as lm-human-preferences (tf.nn.moments) and OpenRLHF use. Needs n >= 2 when
+    unbiased (Bessel with n = 1 divides by 0), n >= 1 otherwise."""
     n = float(_float_mask(mask, x).expand_as(x).sum())
     if n < (2 if unbiased else 1):
         raise ValueError(f"masked_var needs at least {2 if unbiased else 1} selected elements, the mask selects {n:g}")
@@ -66,14 +67,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var * (n / (n - 1)) if unbiased else var
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Normalise x to mean 0 and (unbiased, Bessel-corrected) variance 1 over the mask: (x - mean) / sqrt(var + eps).
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True) -> Tensor:
+    """Normalise x to mean 0 and variance 1 over the mask: (x - mean) / sqrt(var + eps).
 
-    Used on PPO advantages (and optionally rewards). With shift_mean=False the mean is added back, so only the scale
-    changes. Entries outside the mask are set to 0."""
+    Used on PPO advantages (and optionally rewards). var is Bessel-corrected by default (TRL, verl); unbiased=False
+    gives lm-human-preferences' and OpenRLHF's population variance. With shift_mean=False the mean is added back, so
+    only the scale changes. Entries outside the mask are set to 0."""
     m = _float_mask(mask, x)
     mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    var = masked_var(x, mask, unbiased=unbiased)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -133,11 +135,16 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     return -masked_mean(logp, loss_mask[:, 1:])
 
 
-def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean of the entropy -sum_v p_v log p_v (nats) of softmax(logits): [B, T, V], [B, T] -> scalar.
+def entropy_from_logits(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Masked mean of the entropy -sum_v p_v log p_v (nats) of softmax(logits / T): [B, T, V], [B, T] -> scalar.
 
-    float32 at least; tokens with probability 0 (logit -inf) contribute 0, with a finite gradient."""
-    logp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # [B, T, V]
+    The entropy of the sampling distribution needs the sampling temperature: pass raw logits and the temperature, or
+    logits already divided by it and temperature=1 (never both; TRL and verl take the tempered entropy, OpenRLHF took
+    the raw one until its PR #1319, up to 1 nat per token apart at T = 0.5). float32 at least; tokens with probability
+    0 (logit -inf) contribute 0, with a finite gradient."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = torch.log_softmax(temper(logits.to(_compute_dtype(logits)), temperature), dim=-1)  # [B, T, V]
     p = logp.exp()
     logp = logp.masked_fill(~torch.isfinite(logp), 0.0)  # 0 * log 0 := 0 without nan gradients
     ent = -(p * logp).sum(-1)  # [B, T]
@@ -239,10 +246,16 @@ def per_token_rewards(
     r_t = -beta * KL_t at every response token (KL_t from kl_penalty with `kl_kind`), and the preference model's
     score is added at the last real token (the last index with mask == 1; masks are right-padded with variable
     lengths). Rows with truncated == True (generation hit the length limit without a stop token) get
-    score + truncation_penalty there instead; the penalty is negative, e.g. -1.
+    score + truncation_penalty there instead.
+    The sign convention: minicai ADDS the penalty, so it must be <= 0 (e.g. -1); a positive one would reward
+    truncation and raises ValueError. TRL subtracts a positive `missing_eos_penalty`, lm-human-preferences replaces
+    the score with -1 (minicai.oracle names all three).
     Shapes: score [B], logp/ref_logp/mask [B, T], truncated [B] bool. Returns (rewards [B, T], kl [B, T]), both 0
     where mask == 0."""
     _check_shapes(logp=logp, ref_logp=ref_logp, mask=mask)
+    if truncation_penalty > 0:
+        raise ValueError(f"truncation_penalty={truncation_penalty} is added to the score, so a positive value rewards "
+                         "truncated responses; pass a value <= 0 (e.g. -1)")
     if score.shape != logp.shape[:1]:
         raise ValueError(f"score has shape {tuple(score.shape)}, want [B] = [{logp.shape[0]}]")
     m = _float_mask(mask, logp)
@@ -262,16 +275,26 @@ def per_token_rewards(
 # PPO (Schulman et al. 2017)
 
 
+GAE_HOLES = ("end", "zero", "skip")
+
+
 def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95, hole: str = "end"
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438, eq. 16) over response tokens.
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, run backwards over T for the
-    whole batch at once. Rewards and values count as 0 outside the mask, and the episode ends at the last real token
-    (V and A after it are 0; a 0 inside a row would end the episode there too). returns = A + V, the value targets.
+    whole batch at once. Rewards and values count as 0 outside the mask, so nothing after the last real token (a
+    padded value, a nan) bootstraps into it. returns = A + V, the value targets.
+    `hole` is the rule for a mask == 0 slot inside a row (multi-turn observations, dropped tokens); the frameworks
+    disagree, and all three agree on right padding:
+      "end"   the slot ends the episode: V and A after it do not reach the tokens before it (minicai)
+      "zero"  r = V = 0 at the slot and the recursion runs through it (OpenRLHF, TRL <= 0.11, NeMo-Aligner)
+      "skip"  the slot is transparent: V_{t+1} and A_{t+1} are carried across it (verl since its PR #2337)
     Shapes [B, T] in, (advantages [B, T], returns [B, T]) out, both 0 where mask == 0."""
     _check_shapes(rewards=rewards, values=values, mask=mask)
+    if hole not in GAE_HOLES:
+        raise ValueError(f"unknown GAE hole rule {hole!r}; use one of {', '.join(GAE_HOLES)}")
     dtype = torch.promote_types(rewards.dtype, values.dtype)
     m = _float_mask(mask, rewards).to(dtype)
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
@@ -279,12 +302,19 @@ def gae(
     v = torch.where(m.bool(), values.to(dtype), zero)
     B, T = r.shape
     adv = torch.zeros_like(r)
-    next_value = torch.zeros(B, dtype=dtype, device=r.device)  # V_{t+1}: 0 past the end and on masked slots
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)  # V_{t+1}: 0 past the end
     next_adv = torch.zeros(B, dtype=dtype, device=r.device)  # A_{t+1}: likewise
     for t in reversed(range(T)):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        adv[:, t] = (delta + gamma * lam * next_adv) * m[:, t]
-        next_value, next_adv = v[:, t], adv[:, t]
+        a = r[:, t] + gamma * next_value - v[:, t] + gamma * lam * next_adv  # [B]
+        adv[:, t] = a * m[:, t]
+        if hole == "end":  # a hole passes on V = A = 0
+            next_value, next_adv = v[:, t], adv[:, t]
+        elif hole == "zero":  # a hole passes on its own (unmasked) A, with V = 0
+            next_value, next_adv = v[:, t], a
+        else:  # "skip": a hole passes on what it received
+            keep = m[:, t].bool()
+            next_value = torch.where(keep, v[:, t], next_value)
+            next_adv = torch.where(keep, a, next_adv)
     return adv, (adv + v) * m
 
 
@@ -330,6 +360,91 @@ def ppo_value_loss(
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((err_clipped > err).to(err.dtype), mask)}
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Group baselines and loss aggregation (GRPO, Shao et al. 2024, arXiv 2402.03300; RLOO, Ahmadian et al. 2024,
+# arXiv 2402.14740; Dr. GRPO, Liu et al. 2025, arXiv 2503.20783)
+
+GROUP_BASELINES = ("mean", "leave_one_out")
+GROUP_SCALES = ("std", "std_biased", "none")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+
+
+def group_advantages(scores: Tensor, baseline: str = "mean", scale: str = "std", eps: float = 1e-6) -> Tensor:
+    """Sequence-level advantages from G samples of each of P prompts: [P, G] -> [P, G].
+
+    A = (s - b) / (sd + eps), with the baseline b
+      "mean"           the group mean (GRPO)
+      "leave_one_out"  the mean of the other G - 1 samples, (sum - s) / (G - 1) (RLOO; needs G >= 2)
+    and the scale sd
+      "std"            the group's standard deviation with Bessel's correction (torch.std; TRL, verl, OpenRLHF)
+      "std_biased"     the population standard deviation (divide by G)
+      "none"           no scaling and no eps (Dr. GRPO, RLOO): A = s - b
+    A group of one sample has no spread: its "std" is taken as 1 (as verl does), so its GRPO advantage is 0."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [P, G] (prompts x samples), got shape {tuple(scores.shape)}")
+    if baseline not in GROUP_BASELINES or scale not in GROUP_SCALES:
+        raise ValueError(f"unknown baseline {baseline!r} or scale {scale!r}; baselines {GROUP_BASELINES}, "
+                         f"scales {GROUP_SCALES}")
+    G = scores.shape[1]
+    s = scores.to(_compute_dtype(scores))
+    if baseline == "mean":
+        b = s.mean(dim=1, keepdim=True)  # [P, 1]
+    else:
+        if G < 2:
+            raise ValueError("the leave-one-out baseline needs at least 2 samples per prompt")
+        b = (s.sum(dim=1, keepdim=True) - s) / (G - 1)  # [P, G]
+    if scale == "none":
+        return s - b
+    if G == 1:
+        sd = torch.ones_like(s[:, :1])
+    else:
+        sd = s.std(dim=1, keepdim=True, correction=1 if scale == "std" else 0)  # [P, 1]
+    return (s - b) / (sd + eps)
+
+
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    constant: float | None = None,
+    global_tokens: float | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar; the frameworks' names for the modes:
+      "token-mean"              sum over valid tokens / their number (PPO, DAPO). With global_tokens, divide by
+                                that count instead (the tokens of the whole batch across micro-batches and ranks),
+                                so that the micro-batch losses add up to the batch's token mean whatever the split
+      "seq-mean-token-mean"     mean over non-empty rows of each row's token mean (GRPO as published)
+      "seq-mean-token-sum"      mean over non-empty rows of each row's token sum
+      "seq-mean-token-sum-norm" sum over all valid tokens / constant (Dr. GRPO; constant = B * max length in TRL
+                                and in verl 0.9; verl 0.8 divided by the max length alone, so its loss grew with the
+                                batch, verl #3741)
+      "token-sum"               sum over valid tokens, no normaliser (verl 0.9)
+    Rows with no valid token are left out of the row means; an empty batch gives 0."""
+    _check_shapes(per_token=per_token, mask=mask)
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; use one of {', '.join(AGG_MODES)}")
+    if global_tokens is not None and mode != "token-mean":
+        raise ValueError(f"global_tokens applies to token-mean only, not {mode!r}")
+    if mode == "token-mean":
+        if global_tokens is None:
+            return masked_mean(per_token, mask)
+        if global_tokens <= 0:
+            raise ValueError(f"global_tokens must be > 0, got {global_tokens}")
+        return masked_sum(per_token, mask) / global_tokens
+    if mode == "token-sum":
+        return masked_sum(per_token, mask)
+    if mode == "seq-mean-token-sum-norm":
+        if constant is None or constant <= 0:
+            raise ValueError(f"seq-mean-token-sum-norm divides by a constant > 0 (e.g. the maximum length), "
+                             f"got {constant}")
+        return masked_sum(per_token, mask) / constant
+    row_sum = masked_sum(per_token, mask, dim=1)  # [B]
+    count = _float_mask(mask, per_token).sum(dim=1)  # [B]
+    rows = count > 0
+    per_row = row_sum / count.clamp(min=1.0) if mode == "seq-mean-token-mean" else row_sum
+    return masked_mean(per_row, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -102,6 +102,8 @@ class PPOConfig:
             problems.append(f"temperature={self.temperature} (need > 0: PPO needs a sampling distribution)")
         if self.max_new_tokens < 1 or self.ppo_epochs < 1:
             problems.append("max_new_tokens and ppo_epochs must be >= 1")
+        if self.truncation_penalty > 0:
+            problems.append(f"truncation_penalty={self.truncation_penalty} (it is added to the score: need <= 0)")
         if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
             problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
         if problems:
@@ -311,10 +313,12 @@ def same_tokenizer(a, b) -> bool:
 def make_value_model(policy, policy_tokenizer, pm, pm_tokenizer) -> tuple[torch.nn.Module, str]:
     """The value model V(s_t), a RewardModel whose head is read at every position (a separate network).
 
-    As in lm-human-preferences it starts as a copy of the preference model, head included, when the PM reads the
-    policy's tokens (same tokenizer): the PM already judges responses, so its head is a good first guess of the
-    return. Otherwise the PM cannot read the policy's token ids, and the value model starts from a copy of the
-    policy's trunk with a zero head (initial values 0). Returns (value model, where it came from)."""
+    It starts as a copy of the preference model, head included, when the PM reads the policy's tokens (same
+    tokenizer), as in Stiennon et al. 2020 (arXiv 2009.01325) and TRL's PPO, which loads its value model from the
+    reward model: the PM already judges responses, so its head is a good first guess of the return.
+    (lm-human-preferences differs: its value is a second scalar head on the policy network itself, policy.py
+    `scalar_heads=['value']`.) Otherwise the PM cannot read the policy's token ids, and the value model starts from
+    a copy of the policy's trunk with a zero head (initial values 0). Returns (value model, where it came from)."""
     from minicai.reward import RewardModel
 
     if pm is not None and pm_tokenizer is not None and same_tokenizer(policy_tokenizer, pm_tokenizer):

@@ -66,8 +66,13 @@ class RewardModel(nn.Module):
     def from_lm(cls, lm: Transformer, head_init: str = "zero", seed: int = 0) -> "RewardModel":
         """A PM initialised from a language model (the paper starts PMs from pretrained LMs; here, the SL-CAI model).
 
-        head_init: "zero" (all scores start at 0, so training starts from 'no preference') or "normal"
-        (weights ~ N(0, 1/(hidden+1)), bias 0, seeded)."""
+        head_init: "zero" (the default: all scores start at 0) or "normal" (weights ~ N(0, 1/(hidden+1)), bias 0,
+        seeded; the initialisation of lm-human-preferences and its reproductions).
+        Why zero by default: the PM starts at exactly "no preference" (every score 0, the Bradley-Terry loss log 2
+        whatever the pair), so its first numbers depend on the language model alone, not on a random draw. The cost:
+        the trunk's gradient is proportional to the head's weights, so the first optimiser step moves only the head
+        (the trunk follows from the second step, out of hundreds). "normal" trains the trunk from the first step but
+        starts from random preferences of roughly unit scale."""
         rm = cls(lm)
         with torch.no_grad():
             rm.head.bias.zero_()
@@ -143,8 +148,11 @@ def load_reward_model(path, dtype: torch.dtype = torch.float32, device="cpu", fa
 def conversation_ids(tok, prompt: str, response: str, max_len: int | None = None) -> list[int]:
     """The conversation [user: prompt, assistant: response] in the PM's chat template, as token ids.
 
+    The response is stripped of surrounding whitespace here, the one place every PM input passes through: the PM's
+    training pairs are stripped when they are sampled (train_pm.py), and RL responses decoded from the policy's
+    tokens (ppo.score_with_pm) must reach the PM in the same form, or the PM scores text unlike what it learnt on.
     If longer than max_len, the start is dropped (the end, where the score is read, is kept)."""
-    ids = tok.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    ids = tok.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}])
     return ids[-max_len:] if max_len is not None and len(ids) > max_len else ids
 
 

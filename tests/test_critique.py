@@ -152,23 +152,39 @@ def test_records_have_every_field(tiny, tmp_path):
     on_disk = [json.loads(line) for line in path.read_text().splitlines()]
     assert on_disk == recs and [r["index"] for r in recs] == [0, 1, 2]
     by_name = {p.name: p for p in PRINCIPLES}
+    assert len({rec["seed"] for rec in recs}) == 3  # each prompt its own seed
     for rec, prompt in zip(recs, PROMPTS):
         assert rec["prompt"] == prompt
         assert isinstance(rec["initial_response"], str) and isinstance(rec["initial_truncated"], bool)
         assert rec["settings"] == asdict(s)
-        assert rec["seed"] == critique.record_seed(0, rec["index"])
-        assert len(rec["rounds"]) == 3
-        for k, r in enumerate(rec["rounds"], 1):
-            assert r["round"] == k
+        assert [r["round"] for r in rec["rounds"]] == [1, 2, 3]
+        for r in rec["rounds"]:
             p = by_name[r["principle"]]
             assert (r["critique_request"], r["revision_request"]) == (p.critique_request, p.revision_request)
-            for key in ("critique", "revision"):
-                assert r[key] == r[key].strip()
-            assert r["failed"] == (r["revision"] == "")
-        last_ok = [r["revision"] for r in rec["rounds"] if not r["failed"]]
-        assert rec["final_response"] == (last_ok[-1] if last_ok else rec["initial_response"])
+            assert all(r[key] == r[key].strip() for key in ("critique", "revision"))
         assert rec["messages"] == [{"role": "user", "content": prompt},
                                    {"role": "assistant", "content": rec["final_response"]}]
+
+
+@pytest.mark.parametrize("empty,failed,final", [
+    ((), [False, False, False], "rev-3"),
+    (("rev-3",), [False, False, True], "rev-2"),
+    (("rev-2", "rev-3"), [False, True, True], "rev-1"),
+    (("rev-2",), [False, True, False], "rev-3"),
+    (("rev-1", "rev-2", "rev-3"), [True, True, True], "answer"),
+])
+def test_final_response_is_the_last_non_empty_revision(tiny, monkeypatch, tmp_path, empty, failed, final):
+    """Known replies (not the model's), so the expected record is written out rather than recomputed by the rule."""
+    model, tok = tiny
+    monkeypatch.setattr(critique, "sample_replies", FakeSampler(empty=empty))
+    recs = run_critique_loop(model, tok, PROMPTS[:2], PRINCIPLES, [EXAMPLE], small_settings(rounds=3, batch_size=2),
+                             tmp_path / "r.jsonl")
+    for rec in recs:
+        assert rec["initial_response"] == "answer"
+        assert [r["failed"] for r in rec["rounds"]] == failed
+        assert [r["revision"] for r in rec["rounds"]] == ["" if f else f"rev-{k}" for k, f in enumerate(failed, 1)]
+        assert rec["final_response"] == final
+        assert rec["messages"][-1] == {"role": "assistant", "content": final}
 
 
 def test_principles_are_drawn_from_the_seed(tiny, tmp_path):

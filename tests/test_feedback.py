@@ -353,3 +353,46 @@ def test_hhh_real_file_reads():
     recs = read_hhh(HHH_FILE)
     assert len(recs) == 438 and sum(r["correct"] == " (A)" for r in recs) == 228
     assert len(read_hhh(HHH_FILE, limit=5)) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chain of thought is few-shot, as in the paper (issue #14)
+
+
+def test_paper_cot_demos_load_and_fill_in_the_principle(tmp_path):
+    from minicai.feedback import cot_demo_text, load_cot_examples
+
+    demos = load_cot_examples(SHARED / "data" / "cai-paper" / "RLMadisonPrecogFewShotPrompts.json")
+    assert [d.answer for d in demos] == [" (B)", " (B)", " (A)", " (B)", " (A)", " (B)"]
+    question, reply = cot_demo_text(demos[0], PRINCIPLE)
+    assert question.startswith("Consider the following conversation between a human (H) and an assistant (A):")
+    assert f"\n\n{PRINCIPLE}\n (A) [[[" in question and "{}" not in question
+    assert reply.startswith("Let's think step by step:\n(A) This response does not address")
+    assert reply.endswith("Therefore, option (B) is the best response.\n\nThe answer is: (B)")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "\n\nHuman: no demo here"}]))
+    with pytest.raises(MinicaiError, match="item 0 is not a CoT demo"):
+        load_cot_examples(bad)
+
+
+def test_cot_questions_show_the_demos_before_the_question(tok):
+    from minicai.feedback import cot_demo_text, load_cot_examples
+
+    demos = load_cot_examples(SHARED / "data" / "cai-paper" / "RLMadisonPrecogFewShotPrompts.json")[:2]
+    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=6)
+    pairs = [{"id": 3, "prompt": "hi", "response_a": "one", "response_b": "two"}]
+    for chat in (False, True):
+        cfg = FeedbackConfig(chat=chat, debias=False, cot=True, cot_max_tokens=5, clamp=(0.0, 1.0),
+                             cot_examples=demos)
+        rec = label_pairs(model, tok, pairs, [PRINCIPLE], cfg, seed=2)[0]
+        lead = feedback_lead(tok, [{"role": "user", "content": "hi"}], PRINCIPLE, "one", "two", chat=chat,
+                             cot_examples=demos)
+        for d in demos:  # each demo, with this principle, its reasoning and its answer, comes before the question
+            question, reply = cot_demo_text(d, PRINCIPLE)
+            assert question in lead and reply in lead
+            assert lead.index(reply) < lead.index("[[[one]]]")
+        text = lead + "Let's think step by step:" + (" " + rec["reasoning_ab"][0] if rec["reasoning_ab"][0] else "")
+        text += "\n\nThe answer is:"
+        assert rec["logprobs_ab"][0] == pytest.approx(answer_logprobs(model, tok, [text])[0].tolist(), abs=1e-5)
+        no_demo = feedback_lead(tok, [{"role": "user", "content": "hi"}], PRINCIPLE, "one", "two", chat=chat)
+        assert len(no_demo) < len(lead)

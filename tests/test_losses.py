@@ -89,6 +89,13 @@ def test_whiten_gives_mean_0_and_unbiased_var_1_over_the_mask():
     close(L.masked_var(kept, MASK), 1.0)
 
 
+def test_whiten_biased_uses_the_population_variance():
+    x = t([[1.0, 2.0, GARBAGE], [3.0, 5.0, -GARBAGE]])
+    mask = t([[1, 1, 0], [1, 1, 0]])
+    scale = 1 / math.sqrt(8.75 / 4 + 1e-8)  # lm-human-preferences / OpenRLHF: divide by n, not n - 1
+    close(L.whiten(x, mask, unbiased=False), [[-1.75 * scale, -0.75 * scale, 0.0], [0.25 * scale, 2.25 * scale, 0.0]])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # log-probabilities, SFT loss, entropy
 
@@ -167,6 +174,18 @@ def test_entropy_by_hand():
     ent.backward()
     assert torch.isfinite(logits.grad).all()
     assert L.entropy_from_logits(logits.detach().to(torch.bfloat16), mask).dtype == torch.float32
+
+
+def test_entropy_at_temperature_half_by_hand():
+    # p = (1/2, 1/4, 1/4) at T = 1; at T = 0.5, p ~ p^2 = (1/4, 1/16, 1/16) -> (2/3, 1/6, 1/6)
+    logits = torch.log(t([[[0.5, 0.25, 0.25]]]))
+    mask = t([[1]])
+    h_half = -(2 / 3 * math.log(2 / 3) + 2 / 6 * math.log(1 / 6))
+    close(L.entropy_from_logits(logits, mask, temperature=0.5), h_half)
+    close(L.entropy_from_logits(logits / 0.5, mask), h_half)  # or pass tempered logits at temperature 1
+    close(L.entropy_from_logits(logits, mask), 0.5 * math.log(2) + 0.5 * math.log(4))
+    with pytest.raises(ValueError):
+        L.entropy_from_logits(logits, mask, temperature=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -350,6 +369,39 @@ def test_gae_a_gap_inside_a_row_ends_the_episode():
     close(ret, [[1.0, 1.0, 0.0, 2.0]])
 
 
+def test_gae_hole_rules_by_hand():
+    rewards, values = t([[0.0, 1.0, GARBAGE, 2.0]]), t([[0.5, 0.5, GARBAGE, 0.5]])
+    mask = t([[1, 1, 0, 1]])
+    # gamma 1, lam 0.5; A3 = 2 - 0.5 = 1.5 in every rule
+    #   end:  the hole stops the recursion: A1 = 1 - 0.5 = 0.5, A0 = 0 + 0.5 - 0.5 + 0.5 * 0.5 = 0.25
+    #   zero: r = V = 0 at the hole: A2 = 0 + 0.5 - 0 + 0.5 * 1.5 = 1.25, A1 = 1 + 0 - 0.5 + 0.5 * 1.25 = 1.125,
+    #         A0 = 0 + 0.5 - 0.5 + 0.5 * 1.125 = 0.5625
+    #   skip: V3 and A3 carried to token 1: A1 = 1 + 0.5 - 0.5 + 0.5 * 1.5 = 1.75, A0 = 0.5 * 1.75 = 0.875
+    want = {"end": [0.25, 0.5, 0.0, 1.5], "zero": [0.5625, 1.125, 0.0, 1.5], "skip": [0.875, 1.75, 0.0, 1.5]}
+    for hole, adv_want in want.items():
+        adv, ret = L.gae(rewards, values, mask, gamma=1.0, lam=0.5, hole=hole)
+        close(adv, [adv_want])
+        close(ret, [[a + v if m else 0.0 for a, v, m in zip(adv_want, [0.5, 0.5, 0.0, 0.5], [1, 1, 0, 1])]])
+    with pytest.raises(ValueError):
+        L.gae(rewards, values, mask, hole="continue")
+
+
+def test_gae_hole_rules_agree_on_right_padding():
+    g = torch.Generator().manual_seed(1)
+    r, v = torch.randn(3, 4, generator=g, dtype=D), torch.randn(3, 4, generator=g, dtype=D)
+    r, v = torch.where(MASK.bool(), r, t(GARBAGE)), torch.where(MASK.bool(), v, t(-GARBAGE))
+    ref = L.gae(r, v, MASK, 0.9, 0.8, hole="end")
+    for hole in ("zero", "skip"):
+        for a, b in zip(L.gae(r, v, MASK, 0.9, 0.8, hole=hole), ref):
+            close(a, b)
+
+
+def test_per_token_rewards_rejects_a_positive_truncation_penalty():
+    z = t([[0.0, 0.0]])
+    with pytest.raises(ValueError, match="rewards truncated"):
+        L.per_token_rewards(t([1.0]), z, z, t([[1, 1]]), 0.1, truncated=torch.tensor([True]), truncation_penalty=1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PPO losses
 
@@ -399,6 +451,73 @@ def test_ppo_value_loss_by_hand():
     # v 0.1 is inside the range: 0.81 both
     close(loss, 0.5 * (0.64 + 0.25 + 0.81) / 3)
     close(stats["vf_clipfrac"], 1 / 3)
+
+
+def test_ppo_value_loss_gradient_with_both_clips_active():
+    values = t([[0.5, 0.5, 0.1, -0.5, -0.5, GARBAGE]]).requires_grad_(True)
+    old = t([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    returns = t([[1.0, 0.0, 1.0, -1.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1, 1, 1, 0]])
+    loss, stats = L.ppo_value_loss(values, old, returns, mask, clip=0.2)
+    # v  0.5 -> 0.2 (upper clip); R  1: max(0.25, 0.64) clipped binds, no gradient; R 0: max(0.25, 0.04) unclipped
+    # v  0.1 inside the range: 0.81 both
+    # v -0.5 -> -0.2 (lower clip); R -1: max(0.25, 0.64) clipped binds, no gradient; R 0: max(0.25, 0.04) unclipped
+    close(loss.detach(), 0.5 * (0.64 + 0.25 + 0.81 + 0.64 + 0.25) / 5)
+    close(stats["vf_clipfrac"], 2 / 5)
+    loss.backward()
+    # d/dV of 0.5 * (V - R)^2 / N = (V - R) / N where the unclipped error binds; 0 where the clipped one does
+    close(values.grad, [[0.0, 0.5 / 5, (0.1 - 1.0) / 5, 0.0, -0.5 / 5, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# group baselines and loss aggregation
+
+
+def test_group_advantages_by_hand():
+    s = t([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
+    # row 0: mean 3, deviations -2, -1, 3; sum of squares 14: unbiased std sqrt(7), biased sqrt(14 / 3)
+    close(L.group_advantages(s, eps=0.0)[0], [-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7)])
+    close(L.group_advantages(s, scale="std_biased", eps=0.0)[0], [d / math.sqrt(14 / 3) for d in (-2, -1, 3)])
+    close(L.group_advantages(s, scale="none"), [[-2.0, -1.0, 3.0], [0.0, 0.0, 0.0]])
+    # leave-one-out: b_i = (9 - s_i) / 2 = 4, 3.5, 1.5
+    close(L.group_advantages(s, baseline="leave_one_out", scale="none")[0], [-3.0, -1.5, 4.5])
+    close(L.group_advantages(s, eps=1e-6)[1], [0.0, 0.0, 0.0])  # no spread: 0 / (0 + eps)
+    close(L.group_advantages(t([[5.0], [-2.0]])), [[0.0], [0.0]])  # one sample: nothing to compare with
+    with pytest.raises(ValueError):
+        L.group_advantages(t([[5.0]]), baseline="leave_one_out")
+    with pytest.raises(ValueError):
+        L.group_advantages(s, scale="mad")
+
+
+def test_aggregate_loss_modes_by_hand():
+    x = t([[1.0, 2.0, GARBAGE], [4.0, GARBAGE, GARBAGE], [GARBAGE, GARBAGE, GARBAGE]])
+    m = t([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    close(L.aggregate_loss(x, m), (1 + 2 + 4) / 3)
+    close(L.aggregate_loss(x, m, "seq-mean-token-mean"), (1.5 + 4) / 2)  # the empty row does not count
+    close(L.aggregate_loss(x, m, "seq-mean-token-sum"), (3 + 4) / 2)
+    close(L.aggregate_loss(x, m, "seq-mean-token-sum-norm", constant=9.0), 7 / 9)
+    close(L.aggregate_loss(x, m, "token-sum"), 7.0)
+    close(L.aggregate_loss(x, m, global_tokens=10.0), 7 / 10)
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "seq-mean-token-mean", global_tokens=3.0)
+    with pytest.raises(ValueError):
+        L.aggregate_loss(x, m, "sequence-mean")
+
+
+def test_global_token_mean_is_invariant_to_the_micro_batch_split():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, generator=g, dtype=D)
+    m = t([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    whole = L.aggregate_loss(x, m)
+    n = float(m.sum())
+    for split in ([2, 2], [1, 3], [3, 1]):
+        parts = zip(x.split(split), m.split(split))
+        close(sum(L.aggregate_loss(xp, mp, global_tokens=n) for xp, mp in parts), whole)
+    # the micro-batch-local token mean is not: averaging [1, 3]-split means weights the rows differently
+    local = sum(L.aggregate_loss(xp, mp) for xp, mp in zip(x.split([1, 3]), m.split([1, 3]))) / 2
+    assert abs(float(local - whole)) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

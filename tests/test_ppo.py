@@ -330,3 +330,109 @@ def test_clip_grad_norm_equals_torch(max_norm):
         assert torch.cat([a.grad.flatten() for a in ours]).norm() < norm
     else:
         assert all(torch.equal(a.grad, x) for a, x in zip(ours, grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks that can fail on the bugs they guard against (issue #14, part 2): a temperature that is not 1, a reference
+# that differs from the policy (KL != 0), and values read one token off.
+
+
+def oracle_rollout(temperature=0.7, kl_estimator="k1"):
+    """float64 models, a reference that is NOT the policy (so KL != 0), sampling at `temperature`."""
+    policy, _, value = make_models(dtype=torch.float64)
+    ref = random_model(tiny_config(vocab_size=128), seed=1, dtype=torch.float64)
+    cfg = ppo.PPOConfig(batch_size=len(PROMPTS), minibatch_size=len(PROMPTS), max_new_tokens=10, ppo_epochs=1,
+                        temperature=temperature, truncation_penalty=-1.0, kl_estimator=kl_estimator)
+    ro = ppo.rollout(policy, ref, value, PROMPTS, [str(p) for p in PROMPTS], count_reward(40), cfg, stop_ids=STOP,
+                     pad_id=0, seed=16)
+    return policy, ref, value, cfg, ro
+
+
+def logits_alone(model, prompt, response):
+    """The logits that predict each response token, from the row alone (no padding): [n, V] float64."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        return model.logits(model.hidden_states(ids, torch.ones_like(ids)))[0, len(prompt) - 1 : -1].double()
+
+
+def test_logprobs_ref_logprobs_and_entropy_use_the_sampling_temperature():
+    policy, ref, value, cfg, ro = oracle_rollout(temperature=0.7)
+    T = cfg.temperature
+    ent_sum, n_tok = 0.0, 0
+    for i, prompt in enumerate(PROMPTS):
+        n = int(ro.response_mask[i].sum())
+        resp = ro.response_ids[i, :n].tolist()
+        idx = torch.tensor(resp)[:, None]
+        for model, got in [(policy, ro.logprobs[i, :n]), (ref, ro.ref_logprobs[i, :n])]:
+            z = logits_alone(model, prompt, resp)
+            want = torch.log_softmax(z / T, -1).gather(-1, idx)[:, 0]
+            assert torch.allclose(got.double(), want, atol=1e-10, rtol=0)
+            untempered = torch.log_softmax(z, -1).gather(-1, idx)[:, 0]
+            assert not torch.allclose(got.double(), untempered, atol=1e-3)  # the control: T matters here
+        logp = torch.log_softmax(logits_alone(policy, prompt, resp) / T, -1)
+        ent_sum += float(-(logp.exp() * logp).sum(-1).sum())
+        n_tok += n
+    ppo.compute_advantages(ro, beta=0.1, cfg=cfg)
+    state = ppo.init_state(policy, ref, value, cfg)
+    stats = ppo.ppo_step(policy, value, state.policy_opt, state.value_opt, ro, cfg)
+    assert stats["ratio_first_maxdev"] < 1e-12
+    assert abs(stats["entropy"] - ent_sum / n_tok) < 1e-5  # entropy of the tempered distribution (float32 stat)
+
+
+def test_rewards_with_nonzero_kl_by_hand():
+    for estimator in ("k1", "k3"):
+        _, _, _, cfg, ro = oracle_rollout(kl_estimator=estimator)
+        beta = 0.1
+        ppo.compute_advantages(ro, beta=beta, cfg=cfg)
+        assert ro.kl.abs().max() > 0.1  # the reference really differs
+        for i in range(len(PROMPTS)):
+            n = int(ro.response_mask[i].sum())
+            d = (ro.logprobs[i, :n] - ro.ref_logprobs[i, :n]).double()  # log pi - log pi_ref, by definition
+            kl = d if estimator == "k1" else torch.exp(-d) - 1 + d
+            want = torch.zeros(ro.response_ids.shape[1], dtype=torch.float64)
+            want[:n] = -beta * kl
+            want[n - 1] += float(ro.scores[i]) + (0.0 if ro.finished[i] else cfg.truncation_penalty)
+            assert torch.allclose(ro.rewards[i].double(), want, atol=1e-6, rtol=0), (estimator, i)
+
+
+def test_values_are_read_at_the_state_before_each_token():
+    """V(s_t) for response token t is the value head at the column of the token before it (the last prompt token
+    for t = 0). Computed here from the value model directly, with a negative control one column off."""
+    _, _, value, _, ro = oracle_rollout()
+    checked = 0
+    for i, prompt in enumerate(PROMPTS):
+        n = int(ro.response_mask[i].sum())
+        ids = torch.tensor([prompt + ro.response_ids[i, :n].tolist()])
+        with torch.no_grad():
+            v = value.values(ids, torch.ones_like(ids))[0].double()  # [len(prompt) + n], one per column
+        P = len(prompt)
+        assert torch.allclose(ro.values[i, :n].double(), v[P - 1 : P - 1 + n], atol=1e-6, rtol=0)
+        if n > 1:  # one column late (the token's own column) must not match
+            assert not torch.allclose(ro.values[i, : n - 1].double(), v[P : P - 1 + n], atol=1e-4)
+            checked += 1
+    assert checked >= 3
+
+
+def test_rl_responses_reach_the_pm_stripped_like_its_training_pairs(tiny_tokenizer_dir):
+    """One rule for the PM's input: train_pm samples its pairs stripped of surrounding whitespace, so the text of an
+    RL response (decoded from the policy's tokens) is stripped the same way before the PM reads it."""
+    from minicai.reward import conversation_ids
+    from minicai.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tiny_tokenizer_dir)
+    pm = RewardModel.from_lm(random_model(tiny_config(vocab_size=tok.vocab_size), seed=5), head_init="normal")
+    assert conversation_ids(tok, "Hi?", "  Hello there.\n\n") == conversation_ids(tok, "Hi?", "Hello there.")
+    spaced, plain = tok.encode("  Hello there.\n"), tok.encode("Hello there.")
+    assert spaced != plain  # the policy's tokens do carry the whitespace
+    scores = ppo.score_with_pm(pm, tok, tok, ["Hi?", "Hi?"], [spaced, plain])
+    assert scores[0] == scores[1]
+
+
+def test_a_positive_truncation_penalty_is_a_user_error():
+    """minicai adds the penalty to the score (TRL subtracts, lm-human-preferences replaces): +1 would reward
+    truncated responses, so the settings refuse it before any model is loaded."""
+    from minicai import MinicaiError
+
+    with pytest.raises(MinicaiError, match="truncation_penalty=1.0"):
+        ppo.PPOConfig(truncation_penalty=1.0)
+    assert ppo.PPOConfig(truncation_penalty=-1.0).truncation_penalty == -1.0

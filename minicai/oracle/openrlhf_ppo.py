@@ -1,0 +1,188 @@
+"""A dump built from OpenRLHF's published PPO functions (openrlhf 0.11.2), for the checker.
+
+    pip install --no-deps --target DIR openrlhf==0.11.2      # the package alone; never let pip touch torch
+    python3 -m minicai.oracle.openrlhf_ppo DIR OUT.safetensors
+
+OpenRLHF's trainer needs Ray, DeepSpeed and vLLM, which do not run on a CPU-only machine. Its PPO math does not:
+this module loads four of its source files as they are (models/utils.py, models/loss.py,
+trainer/ppo_utils/experience_maker.py and what it imports), with empty stand-ins for the `ray`, `deepspeed` and
+launcher modules those files import but the functions used here never call, and runs:
+  log_probs_from_logits     policy and reference log-probs at the sampling temperature
+  compute_approx_kl         the KL estimate (k3 here, with its clamps)
+  compute_advantages_and_returns   (ExperienceMaker's own method: score clip, compute_reward, GAE, whitening)
+  PolicyLoss, ValueLoss     the losses (first minibatch: new log-probs = old)
+  compute_entropy           (the function under its torch.compile wrapper) on the tempered logits
+The rollout itself (vLLM in OpenRLHF) is a plain transformers `generate` at the same temperature.
+"""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from minicai import MinicaiError
+from minicai.oracle.check import write_dump
+from minicai.oracle.tiny_models import EOS_ID, PAD_ID, VOCAB, models
+
+FILES = {  # module name -> file under the package root, loaded in this order
+    "openrlhf.utils.logging_utils": "openrlhf/utils/logging_utils.py",
+    "openrlhf.utils.utils": "openrlhf/utils/utils.py",
+    "openrlhf.utils.seqlen_balancing": "openrlhf/utils/seqlen_balancing.py",
+    "openrlhf.models.utils": "openrlhf/models/utils.py",
+    "openrlhf.models.loss": "openrlhf/models/loss.py",
+    "openrlhf.trainer.ppo_utils.experience": "openrlhf/trainer/ppo_utils/experience.py",
+    "openrlhf.trainer.ppo_utils.length_penalty": "openrlhf/trainer/ppo_utils/length_penalty.py",
+    "openrlhf.trainer.ppo_utils.experience_maker": "openrlhf/trainer/ppo_utils/experience_maker.py",
+}
+
+
+def load(root: str | Path) -> SimpleNamespace:
+    """OpenRLHF's PPO modules from an unpacked package at `root` (the directory holding openrlhf/)."""
+    root = Path(root)
+    if not (root / "openrlhf" / "models" / "loss.py").is_file():
+        raise MinicaiError(f"{root}: no openrlhf/models/loss.py (fix: pip install --no-deps --target {root} "
+                           "openrlhf==0.11.2)")
+    saved = {k: v for k, v in sys.modules.items() if k == "openrlhf" or k.startswith("openrlhf.")
+             or k in ("ray", "deepspeed")}
+    try:
+        for pkg in ("openrlhf", "openrlhf.utils", "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils",
+                    "openrlhf.trainer.ray"):
+            mod = types.ModuleType(pkg)
+            mod.__path__ = [str(root / pkg.replace(".", "/"))]
+            sys.modules[pkg] = mod
+        stubs = {"ray": types.ModuleType("ray"), "deepspeed": types.ModuleType("deepspeed"),
+                 "openrlhf.trainer.ray.launcher": types.ModuleType("openrlhf.trainer.ray.launcher")}
+        stubs["ray"].remote = lambda *a, **k: (lambda f: f)
+        stubs["openrlhf.trainer.ray.launcher"].RayActorGroup = object
+        sys.modules.update(stubs)
+        loaded = {}
+        for name, rel in FILES.items():
+            spec = importlib.util.spec_from_file_location(name, root / rel)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+    finally:  # leave sys.modules as it was
+        for k in [k for k in sys.modules if k == "openrlhf" or k.startswith("openrlhf.") or k in ("ray", "deepspeed")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    u, loss, em = (loaded["openrlhf.models.utils"], loaded["openrlhf.models.loss"],
+                   loaded["openrlhf.trainer.ppo_utils.experience_maker"])
+    entropy = getattr(u.compute_entropy, "_torchdynamo_orig_callable", u.compute_entropy)  # skip torch.compile
+    return SimpleNamespace(log_probs_from_logits=u.log_probs_from_logits, compute_approx_kl=u.compute_approx_kl,
+                           compute_entropy=entropy, PolicyLoss=loss.PolicyLoss, ValueLoss=loss.ValueLoss,
+                           experience_maker=em, version=_version(root))
+
+
+def _version(root: Path) -> str:
+    for dist in root.glob("openrlhf-*.dist-info"):
+        return dist.name.split("-")[1]
+    return "unknown"
+
+
+def _position_ids(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def run(root: str | Path, out: str | Path, seed: int = 5, batch: int = 8, response_length: int = 8,
+        temperature: float = 0.7, kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95) -> None:
+    o = load(root)
+    policy, ref, value, reward = models(seed)
+    with torch.no_grad():  # a reference that differs from the policy, so that the KL is not 0
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, len(VOCAB), (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 5, (batch,), generator=g)]
+    P = max(map(len, prompts))
+    query = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts])
+    qmask = (query != PAD_ID).long()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        seqs = policy.generate(input_ids=query, attention_mask=qmask, do_sample=True, temperature=temperature,
+                               top_k=0, top_p=1.0, max_new_tokens=response_length, eos_token_id=EOS_ID,
+                               pad_token_id=PAD_ID)
+    resp = seqs[:, P:]
+    N = resp.shape[1]
+    is_eos = resp == EOS_ID
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((batch,), N))
+    action_mask = (torch.arange(N).expand(batch, N) <= first.unsqueeze(1)).long()  # through the first EOS
+    attn = torch.cat([qmask, action_mask], 1)
+    pos = _position_ids(attn)
+
+    def response_logits(model):  # [B, N, V]: column t predicts response token t
+        with torch.no_grad():
+            return model(input_ids=seqs, attention_mask=attn, position_ids=pos).logits[:, P - 1 : P - 1 + N].float()
+
+    logits = response_logits(policy)
+    old = o.log_probs_from_logits(logits.clone(), resp, temperature)  # divides its argument in place
+    ref_lp = o.log_probs_from_logits(response_logits(ref), resp, temperature)
+    kl = o.compute_approx_kl(old, ref_lp, kl_estimator="k3")
+    with torch.no_grad():
+        hv = value.model(input_ids=seqs, attention_mask=attn, position_ids=pos).last_hidden_state
+        values = value.score(hv)[:, P - 1 : P - 1 + N, 0].float()
+        hr = reward.model(input_ids=seqs, attention_mask=attn, position_ids=pos).last_hidden_state
+        last = P + first.clamp(max=N - 1)
+        scores = 6.0 * reward.score(hr)[torch.arange(batch), last, 0].float()  # some beyond the +-10 clip
+    exp = SimpleNamespace(rewards=scores.clone(), index=list(range(batch)), kl=kl, action_mask=action_mask.float(),
+                          values=values, info={}, truncated=None, advantages=None, returns=None)
+    captured = {}
+    em = o.experience_maker
+    real_reward = em.compute_reward
+    maker_cls = next(c for c in vars(em).values()
+                     if isinstance(c, type) and hasattr(c, "compute_advantages_and_returns"))
+
+    def spy_reward(*a, **k):
+        captured["token_rewards"] = real_reward(*a, **k)
+        return captured["token_rewards"]
+
+    def spy_gae(self, *a, **k):
+        captured["advantages_raw"], captured["returns"] = maker_cls.get_advantages_and_returns(self, *a, **k)
+        return captured["advantages_raw"], captured["returns"]
+
+    args = SimpleNamespace(rollout=SimpleNamespace(n_samples_per_prompt=1, max_new_tokens=response_length),
+                           algo=SimpleNamespace(advantage=SimpleNamespace(estimator="gae", gamma=gamma, lambd=lam,
+                                                                          no_std_norm=False)),
+                           reward=SimpleNamespace(clip_range=(-10.0, 10.0), overlong_buffer_len=None,
+                                                  stop_properly_penalty_coef=None))
+    fake = SimpleNamespace(strategy=SimpleNamespace(args=args), kl_ctl=SimpleNamespace(value=kl_coef),
+                           advantage_estimator="gae")
+    fake.get_advantages_and_returns = lambda *a, **k: spy_gae(fake, *a, **k)
+    em.compute_reward = spy_reward
+    try:
+        maker_cls.compute_advantages_and_returns(fake, [exp])
+    finally:
+        em.compute_reward = real_reward
+    new_values = values + 0.3 * torch.randn(values.shape, generator=g)
+    pg_loss, clip_ratio, *_ = o.PolicyLoss(0.2, 0.2)(old.clone(), old, exp.advantages, action_mask.float())
+    vf_loss = o.ValueLoss(clip_eps=0.5)(new_values, values, exp.returns, action_mask.float())
+    entropy = o.compute_entropy(logits / temperature)
+    tensors = {"response_mask": action_mask.float(), "response_ids": resp, "logits": logits, "old_logprobs": old,
+               "ref_logprobs": ref_lp, "new_logprobs": old.clone(), "values": values, "new_values": new_values,
+               "scores": scores, "kl": kl, "token_rewards": captured["token_rewards"],
+               "advantages_raw": captured["advantages_raw"], "returns": captured["returns"],
+               "advantages": exp.advantages, "pg_loss": pg_loss.reshape(()), "vf_loss": vf_loss.reshape(()),
+               "entropy_tokens": entropy * action_mask}
+    meta = {"framework": "openrlhf", "version": o.version, "convention": "openrlhf", "dtype": "float32",
+            "temperature": temperature, "kl_coef": kl_coef, "kl_estimator": "k3", "gamma": gamma, "lam": lam,
+            "clip_low": 0.2, "clip_high": 0.2, "value_clip": 0.5, "loss_agg_mode": "token-mean",
+            "missing_eos_penalty": None, "whiten_advantages": True, "first_minibatch": True,
+            "rollout": "transformers generate (stands in for vLLM)", "eos_id": EOS_ID, "pad_id": PAD_ID}
+    write_dump(out, {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in tensors.items()},
+               meta)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print("usage: python3 -m minicai.oracle.openrlhf_ppo OPENRLHF_ROOT OUT.safetensors", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(sys.argv[1], sys.argv[2])
+    except MinicaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")
