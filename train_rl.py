@@ -31,16 +31,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minicai import MinicaiError
-from minicai.losses import AGG_MODES, GROUP_SCALES
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
+from minicai.losses import AGG_MODES, GROUP_SCALES
 from minicai.ppo import (
     PPOConfig,
+    group_iteration,
     init_state,
     latest_checkpoint,
     load_checkpoint,
     make_value_model,
     mixed_prompt_batch,
-    group_iteration,
     ppo_iteration,
     save_checkpoint,
     score_with_pm,
