@@ -191,6 +191,23 @@ def test_group_token_loss_is_the_ppo_surrogate_plus_beta_k3():
     assert (torch.sign(-x.grad) == torch.sign(ref - logp)).all()
 
 
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_grpo_step_first_loss_by_hand(kl_in):
+    """At the first step the ratio is 1, so the token-mean loss is -mean(A) over the tokens, plus beta * mean k3 of
+    the policy against the reference when the KL is in the loss (and only then: in the reward it is already in A)."""
+    state, cfg = group_state(dtype=torch.float64, ref_seed=1, kl_in=kl_in, minibatch_size=12, ppo_epochs=1)
+    ro = group_rollout(state, cfg)
+    beta = 0.5
+    ppo.compute_group_advantages(ro, beta, cfg)
+    stats = ppo.grpo_step(state.policy, state.policy_opt, ro, cfg)
+    m = ro.response_mask.bool()
+    d = ro.logprobs - ro.ref_logprobs
+    want = -float(ro.advantages[m].mean()) + (beta * float((torch.exp(-d) - 1 + d)[m].mean()) if kl_in == "loss"
+                                              else 0.0)
+    assert stats["ratio_first_maxdev"] == 0.0 and float(d[m].abs().max()) > 0.1
+    assert stats["policy_loss"] == pytest.approx(want, abs=1e-12)
+
+
 SPLITS = [[4], [1, 3], [2, 2], [3, 1], [1, 1, 1, 1]]
 
 
