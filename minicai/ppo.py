@@ -49,9 +49,9 @@ from torch import Tensor
 
 from minicai import MinicaiError
 from minicai.losses import (
-    AdaptiveKLController,
     AGG_MODES,
     GROUP_SCALES,
+    AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
     entropy_from_logits,
@@ -656,19 +656,13 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) ->
                     if steps == 0 and sub.start == 0:  # before any update in this iteration: must be exactly 0
                         dev = (torch.exp(logp - ro.logprobs[rows]) - 1).abs()
                         ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
-                    _, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
-                    share = float(m.sum()) / n_tokens  # token-weighted means over the minibatch
-                    micro_stats = {
-                        "policy_loss": loss.detach(), **pg_stats,
-                        "ref_kl_k3": masked_mean(kl_penalty(logp, ro.ref_logprobs[rows], "k3"), m) * share,
-                        "entropy": entropy_from_logits(temper(logits.float(), cfg.temperature), m) * share,
-                    }
-                    micro_stats["clipfrac"] = micro_stats["clipfrac"] * share
-                    micro_stats["approx_kl"] = micro_stats["approx_kl"] * share
-                    micro_stats["ratio_mean"] = micro_stats["ratio_mean"] * share
+                    _, token_means = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
+                    token_means["ref_kl_k3"] = masked_mean(kl_penalty(logp, ro.ref_logprobs[rows], "k3"), m)
+                    token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
                 del logits
-                for k, v in micro_stats.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + float(v)
+                share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
+                for k, v in [("policy_loss", float(loss.detach()))] + [(k, float(v) * share) for k, v in token_means.items()]:
+                    step_sums[k] = step_sums.get(k, 0.0) + v
             step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)

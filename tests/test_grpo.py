@@ -1,12 +1,18 @@
 """GRPO / RLOO in RL-CAI (minicai/ppo.py group_*, grpo_step; train_rl.py --advantage grpo|rloo): group advantages,
 loss aggregation, the exact first step, learning, the script end to end."""
 
+import copy
+import json
 import math
 
 import pytest
 import torch
+from test_ppo import OPENING, PROMPTS, STOP, count_reward, import_train_rl, make_models
 
+from minicai import MinicaiError, ppo
 from minicai import losses as L
+from minicai.model import random_model, tiny_config
+from minicai.reward import RewardModel
 
 
 def loop_group_advantages(scores: list[list[float]], baseline: str, scale: str, eps: float) -> list[list[float]]:
@@ -54,15 +60,6 @@ def test_group_advantages_equal_a_plain_loop(baseline, scale, dtype):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The group rollout and update (tiny random models; the setup and reward of tests/test_ppo.py)
-
-import copy  # noqa: E402
-import json  # noqa: E402
-
-from test_ppo import OPENING, PROMPTS, STOP, count_reward, import_train_rl, make_models  # noqa: E402
-
-from minicai import MinicaiError, ppo  # noqa: E402
-from minicai.model import random_model, tiny_config  # noqa: E402
-from minicai.reward import RewardModel  # noqa: E402
 
 GROUP_PROMPTS = PROMPTS[:4]  # 1..9 tokens: left padding differs per group
 
@@ -348,7 +345,7 @@ def test_train_rl_runs_and_resumes_with_group_advantages(tiny_model_dir, tmp_pat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     # a PPO run cannot resume a checkpoint without a value model
-    with pytest.raises(MinicaiError, match=f"written by a run with --advantage grpo/rloo"):
+    with pytest.raises(MinicaiError, match="written by a run with --advantage grpo/rloo"):
         train_rl.main([a for a in argv if a != advantage and a != "--advantage"] + ["--iterations", "4"])
 
 
