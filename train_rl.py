@@ -115,7 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(Dr. GRPO) (default: std for grpo, none for rloo)")
     g.add_argument("--kl-in", default=DEFAULTS.kl_in, choices=["reward", "loss"],
                    help="reward: -beta * KL_t in the reward, R = score - beta * sum KL (the paper, PPO); loss: "
-                        "beta * k3 per token in the loss and R = score (GRPO, Shao et al. eq. 3)" + D)
+                        "beta * k3 per token in the loss and R = score (GRPO, Shao et al. eq. 3; --kl-estimator applies to "
+                        "the reward only)" + D)
     g.add_argument("--loss-agg", default=DEFAULTS.loss_agg, choices=list(AGG_MODES),
                    help="how per-token losses become the minibatch's loss. token-mean: every token weighs the same. "
                         "seq-mean-token-mean (GRPO as published): each response's token mean, so a token of a "
