@@ -8,12 +8,17 @@ AI feedback (train_pm.py) gives the reward. Every iteration:
      PM score as the reward, with the KL penalty of Ziegler et al. 2019 keeping the policy near the SL-CAI model),
   3. a few epochs of PPO on those episodes (policy and value model), then adapt beta toward the target KL.
 
+--advantage grpo|rloo replaces the value model and GAE by group advantages (GRPO, Shao et al. 2024; RLOO, Ahmadian
+et al. 2024): --group-size responses to each prompt, each response's reward compared with its group's, no value
+model; the KL in the reward or, with --kl-in loss, as GRPO's k3 loss term (minicai/ppo.py, "Group advantages").
+
 Outputs in --out (default runs/rl): args.json, metrics.jsonl (one line per iteration), samples.jsonl (a few
 responses per iteration), checkpoints/iter_N/ (policy, value model, optimiser states, beta, iteration counter; a
 rerun resumes from the newest one) and model/ (the final policy, HF layout).
 
     python train_rl.py                                   # runs/sl/model + runs/pm/model -> runs/rl/model
     python train_rl.py --model default --pm /tmp/pm --iterations 2 --threads 1   # a smoke run
+    python train_rl.py --advantage grpo --group-size 4 --batch-size 16            # GRPO: 4 prompts x 4 responses
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from tqdm import tqdm
 
 from minicai import MinicaiError
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
+from minicai.losses import AGG_MODES, GROUP_SCALES
 from minicai.ppo import (
     PPOConfig,
+    group_iteration,
     init_state,
     latest_checkpoint,
     load_checkpoint,
@@ -69,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("rollouts")
     g.add_argument("--iterations", type=int, default=40, help="PPO iterations (rollout + update) in total" + D)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="prompts (episodes) per iteration" + D)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help="episodes (responses) per iteration: one per prompt, or --group-size per prompt with "
+                        "--advantage grpo/rloo" + D)
     g.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="response length limit" + D)
     g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
                    help="sampling temperature; the policy's and reference's log-probs use the same one" + D)
@@ -92,6 +101,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lam", type=float, default=DEFAULTS.lam, help="GAE lambda" + D)
     g.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, default=DEFAULTS.whiten_advantages,
                    help="normalise advantages to mean 0, variance 1 over each batch" + D)
+
+    g = p.add_argument_group("GRPO / RLOO (--advantage grpo or rloo; no value model: the --value-lr, --clip-value, "
+                             "--gamma, --lam and --whiten-advantages flags do not apply)")
+    g.add_argument("--advantage", default=DEFAULTS.advantage, choices=["gae", "grpo", "rloo"],
+                   help="gae: PPO with a value model and GAE (the paper's RL-CAI); grpo: (R - group mean) / group "
+                        "std (Shao et al. 2024, section 4.1.2); rloo: R - mean of the other responses of the group "
+                        "(Ahmadian et al. 2024). R: a response's total reward, its advantage on all its tokens" + D)
+    g.add_argument("--group-size", type=int, default=DEFAULTS.group_size,
+                   help="responses per prompt (G); --batch-size / G prompts per iteration" + D)
+    g.add_argument("--group-scale", default=None, choices=list(GROUP_SCALES),
+                   help="divide group advantages by the group's std (Bessel), its population std, or nothing "
+                        "(Dr. GRPO) (default: std for grpo, none for rloo)")
+    g.add_argument("--kl-in", default=DEFAULTS.kl_in, choices=["reward", "loss"],
+                   help="reward: -beta * KL_t in the reward, R = score - beta * sum KL (the paper, PPO); loss: "
+                        "beta * k3 per token in the loss and R = score (GRPO, Shao et al. eq. 3; --kl-estimator applies to "
+                        "the reward only)" + D)
+    g.add_argument("--loss-agg", default=DEFAULTS.loss_agg, choices=list(AGG_MODES),
+                   help="how per-token losses become the minibatch's loss. token-mean: every token weighs the same. "
+                        "seq-mean-token-mean (GRPO as published): each response's token mean, so a token of a "
+                        "response of length L weighs 1/L: short responses with positive advantage are favoured and "
+                        "long ones with negative advantage penalised less per token, a length bias that lets wrong "
+                        "answers grow long (Dr. GRPO, Liu et al. 2025). seq-mean-token-sum: a response weighs its "
+                        "length. seq-mean-token-sum-norm: token sum / (rows * --max-new-tokens), a constant "
+                        "(Dr. GRPO)" + D)
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="rows per forward/backward pass in the update (gradient accumulation over a minibatch; "
+                        "the loss does not depend on it) (default: --minibatch-size)")
 
     g = p.add_argument_group("KL penalty")
     g.add_argument("--kl-coef", type=float, default=DEFAULTS.kl_coef, help="initial beta" + D)
@@ -125,6 +161,8 @@ def ppo_config(args) -> PPOConfig:
         whiten_advantages=args.whiten_advantages, kl_coef=args.kl_coef,
         kl_target=args.kl_target if args.kl_target else None, kl_horizon=args.kl_horizon,
         kl_estimator=args.kl_estimator, truncation_penalty=args.truncation_penalty, logprob_tol=args.logprob_tol,
+        advantage=args.advantage, group_size=args.group_size, group_scale=args.group_scale, kl_in=args.kl_in,
+        loss_agg=args.loss_agg, micro_batch_size=args.micro_batch_size,
     )
 
 
@@ -171,7 +209,9 @@ def main(argv=None) -> None:
                            "or pass --pm DIR")
     pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device, fast=not args.no_fast)
     pm.requires_grad_(False).eval()
-    value_model, value_init = make_value_model(policy, tok, pm, pm_tok)
+    grouped = cfg.advantage != "gae"  # GRPO / RLOO: no value model
+    value_model, value_init = (None, f"none ({cfg.advantage}: group baseline)") if grouped else \
+        make_value_model(policy, tok, pm, pm_tok)
     state = init_state(policy, ref_model, value_model, cfg)
     reward_fn = functools.partial(score_with_pm, pm, pm_tok, tok, batch_size=args.pm_batch_size)
     print(f"policy and reference: {policy_dir}; preference model: {args.pm}; value model: {value_init}")
@@ -195,12 +235,16 @@ def main(argv=None) -> None:
 
     bar = tqdm(range(state.iteration, args.iterations), initial=state.iteration, total=args.iterations,
                desc="RL-CAI", dynamic_ncols=True)
+    G = cfg.group_size if grouped else 1
+    iteration = group_iteration if grouped else ppo_iteration
     for it in bar:
-        batch = mixed_prompt_batch(red, helpful, cfg.batch_size, args.red_team_fraction, it, args.seed)
+        batch = mixed_prompt_batch(red, helpful, cfg.batch_size // G, args.red_team_fraction, it, args.seed)
         prompts = [text for _, (text, _) in batch]
         prompt_ids = [ids for _, (_, ids) in batch]
-        ro, stats = ppo_iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids,
-                                  pad_id=tok.pad_id, seed=args.seed)
+        ro, stats = iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                              seed=args.seed)
+        batch = [item for item in batch for _ in range(G)]  # one per rollout row: row i answers prompt i // G
+        prompts = [text for _, (text, _) in batch]
         for source in ("red_team", "helpful"):
             rows = [i for i, (s, _) in enumerate(batch) if s == source]
             if rows:

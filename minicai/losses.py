@@ -381,7 +381,10 @@ def group_advantages(scores: Tensor, baseline: str = "mean", scale: str = "std",
       "std"            the group's standard deviation with Bessel's correction (torch.std; TRL, verl, OpenRLHF)
       "std_biased"     the population standard deviation (divide by G)
       "none"           no scaling and no eps (Dr. GRPO, RLOO): A = s - b
-    A group of one sample has no spread: its "std" is taken as 1 (as verl does), so its GRPO advantage is 0."""
+    A group of one sample has no spread: its "std" is taken as 1 (as verl does), so its GRPO advantage is 0.
+    A group whose scores are all equal carries no signal: its advantages are exactly 0. (Computed, s - b would be the
+    rounding error of the mean, up to 1 ulp of s, and 1 / (sd + eps) with sd ~ 0 scales that to about +-0.5 in
+    float32 at eps = 1e-6.)"""
     if scores.dim() != 2:
         raise ValueError(f"scores must be [P, G] (prompts x samples), got shape {tuple(scores.shape)}")
     if baseline not in GROUP_BASELINES or scale not in GROUP_SCALES:
@@ -395,13 +398,15 @@ def group_advantages(scores: Tensor, baseline: str = "mean", scale: str = "std",
         if G < 2:
             raise ValueError("the leave-one-out baseline needs at least 2 samples per prompt")
         b = (s.sum(dim=1, keepdim=True) - s) / (G - 1)  # [P, G]
+    same = (s == s[:, :1]).all(dim=1, keepdim=True)  # [P, 1]: no spread, no signal
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
     if scale == "none":
-        return s - b
+        return torch.where(same, zero, s - b)
     if G == 1:
         sd = torch.ones_like(s[:, :1])
     else:
         sd = s.std(dim=1, keepdim=True, correction=1 if scale == "std" else 0)  # [P, 1]
-    return (s - b) / (sd + eps)
+    return torch.where(same, zero, (s - b) / (sd + eps))
 
 
 def aggregate_loss(

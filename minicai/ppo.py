@@ -24,6 +24,11 @@ Correctness checks that run every iteration (and are logged):
   the ratio is exactly 1 (`ratio_first_maxdev` == 0); policy and reference take the same passes, so at iteration
   0, where policy == reference, KL is exactly 0.
 
+GRPO / RLOO (PPOConfig.advantage "grpo" / "rloo"; group_iteration): no value model. G responses per prompt, each
+response's total reward compared with the others of its group (losses.group_advantages), that advantage on all
+its tokens; the same clipped surrogate, with the KL in the reward or as a k3 term of the loss, and a choice of loss
+aggregation (see "Group advantages" below).
+
 Randomness: every random choice (prompt order, sampling, minibatch order) is drawn from a generator seeded with
 (seed, iteration, stream), so a run resumed from a checkpoint repeats exactly what an uninterrupted run does.
 """
@@ -31,6 +36,7 @@ Randomness: every random choice (prompt order, sampling, minibatch order) is dra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -43,10 +49,15 @@ from torch import Tensor
 
 from minicai import MinicaiError
 from minicai.losses import (
+    AGG_MODES,
+    GROUP_SCALES,
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
     entropy_from_logits,
     gae,
+    group_advantages,
+    kl_penalty,
     masked_mean,
     per_token_rewards,
     ppo_policy_loss,
@@ -89,6 +100,14 @@ class PPOConfig:
     truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
     logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32
     share_prefix: bool = True  # run the prompts' common opening once per forward pass (exact up to float rounding)
+    # Critic-free group advantages (GRPO / RLOO; see "Group advantages" below). With advantage != "gae", batch_size
+    # counts responses: batch_size / group_size prompts, group_size samples each; there is no value model.
+    advantage: str = "gae"  # gae: PPO with a value model | grpo (Shao et al. 2024) | rloo (Ahmadian et al. 2024)
+    group_size: int = 4  # G responses per prompt (grpo, rloo)
+    group_scale: str | None = None  # losses.group_advantages scale; None: "std" for grpo, "none" for rloo
+    kl_in: str = "reward"  # reward: -beta * KL_t in the reward (paper, PPO) | loss: beta * k3 term in the loss (GRPO)
+    loss_agg: str = "token-mean"  # losses.aggregate_loss mode of the group update (grpo_step: length bias)
+    micro_batch_size: int | None = None  # rows per forward/backward pass of the group update; None: minibatch_size
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,6 +125,7 @@ class PPOConfig:
             problems.append(f"truncation_penalty={self.truncation_penalty} (it is added to the score: need <= 0)")
         if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
             problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
+        problems += group_config_problems(self)
         if problems:
             raise MinicaiError("invalid PPO settings: " + "; ".join(problems) + ". Fix the corresponding flags.")
 
@@ -209,12 +229,12 @@ class Rollout:
     sample_logprobs: Tensor  # [B, N] the sampler's log-probs (cross-check only)
     logprobs: Tensor  # [B, N] "old" log-probs: forward pass of the policy before the update
     ref_logprobs: Tensor  # [B, N] frozen reference (SL-CAI) log-probs
-    values: Tensor  # [B, N] value model's V(s_t) before the update
+    values: Tensor | None  # [B, N] value model's V(s_t) before the update (None without a value model)
     scores: Tensor  # [B] reward_fn's score (the PM's)
     beta: float = float("nan")  # KL coefficient used for the rewards below
     kl: Tensor | None = None  # [B, N] per-token KL estimate (0 on padding)
     rewards: Tensor | None = None  # [B, N] -beta * KL_t, plus the score at the last token
-    advantages: Tensor | None = None  # [B, N] GAE, whitened
+    advantages: Tensor | None = None  # [B, N] GAE, whitened (group advantages: each row's, on its tokens)
     returns: Tensor | None = None  # [B, N] value targets (GAE + V, unwhitened)
 
     @property
@@ -241,7 +261,8 @@ def rollout(
 ) -> Rollout:
     """Sample one response per prompt and gather old/reference log-probs, values and scores (experience collection).
 
-    prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row."""
+    prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row. value_model None
+    (GRPO, RLOO): no values (Rollout.values is None)."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
@@ -262,7 +283,8 @@ def rollout(
     for rows in passes:
         logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
         ref_logp.append(policy_logprobs(ref_model, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
-        values.append(response_values(value_model, ids[rows], mask[rows], P, prefix_ids))
+        if value_model is not None:
+            values.append(response_values(value_model, ids[rows], mask[rows], P, prefix_ids))
     responses = [response_ids(gen, i, stop_ids) for i in range(B)]
     scores = torch.as_tensor(reward_fn(prompts, responses), dtype=torch.float32).to(policy.device)
     if scores.shape != (len(prompt_ids),):
@@ -277,7 +299,8 @@ def rollout(
         prompts=list(prompts), prefix_ids=prefix_ids, query_ids=query_ids, query_mask=query_mask,
         response_ids=gen.tokens, response_mask=gen.mask, finished=gen.finished, responses=responses,
         sample_logprobs=zero(gen.logprobs),
-        logprobs=zero(torch.cat(logp)), ref_logprobs=zero(torch.cat(ref_logp)), values=zero(torch.cat(values)),
+        logprobs=zero(torch.cat(logp)), ref_logprobs=zero(torch.cat(ref_logp)),
+        values=zero(torch.cat(values)) if values else None,
         scores=scores,
     )
 
@@ -417,8 +440,8 @@ def rollout_stats(ro: Rollout) -> dict:
         "response_length": float(lengths.mean()),
         "no_stop_frac": float((~ro.finished).float().mean()),
         "sampler_logprob_maxdiff": float(logp_gap.max()),
-        "value_mean": float(masked_mean(ro.values, m)),
-        "return_mean": float(masked_mean(ro.returns, m)),
+        **({"value_mean": float(masked_mean(ro.values, m)), "return_mean": float(masked_mean(ro.returns, m))}
+           if ro.values is not None else {}),
     }
 
 
@@ -443,17 +466,22 @@ class PPOState:
 
     policy: torch.nn.Module
     ref_model: torch.nn.Module
-    value_model: torch.nn.Module
+    value_model: torch.nn.Module | None  # None for GRPO / RLOO
     policy_opt: torch.optim.Optimizer
-    value_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer | None
     kl_ctl: AdaptiveKLController | FixedKLController
     iteration: int = 0
 
 
 def init_state(policy, ref_model, value_model, cfg: PPOConfig) -> PPOState:
-    """Freeze the reference, make policy and value model trainable, create one AdamW for each."""
+    """Freeze the reference, make policy and value model trainable, create one AdamW for each (value_model None:
+    GRPO / RLOO, no value model and no value optimiser)."""
     ref_model.requires_grad_(False).eval()
     policy.requires_grad_(True)
+    if value_model is None:
+        policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay,
+                                       fused=True)
+        return PPOState(policy, ref_model, None, policy_opt, None, make_kl_controller(cfg))
     value_model.requires_grad_(True)
     # fused: one kernel per parameter group instead of foreach's temporary copies of every tensor (faster on CPU and
     # GPU, and the peak memory of a step no longer holds an extra copy of the parameters)
@@ -485,6 +513,207 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Group advantages without a value model: GRPO (Shao et al. 2024, arXiv 2402.03300, section 4.1.2) and RLOO
+# (Ahmadian et al. 2024, arXiv 2402.14740)
+#
+# Each prompt gets G responses (rows p*G .. p*G+G-1). A response's total reward R_i is scored by the same PM path as
+# PPO's; its advantage is R_i against its group: (R_i - mean) / std (GRPO) or R_i - mean of the other G - 1 (RLOO),
+# losses.group_advantages. Every token of the response gets that one advantage; nothing is learned about values.
+# The update is PPO's clipped surrogate on those advantages (old log-probs recomputed in the rollout, so the ratio
+# is exactly 1 before the first step). The KL to the reference goes either into R_i (kl_in="reward": R_i = score -
+# beta * sum_t KL_t, as the paper and PPO have it) or into the loss (kl_in="loss": + beta * k3 per token, GRPO's
+# eq. 3, and R_i = score).
+
+ADVANTAGES = ("gae", "grpo", "rloo")
+KL_PLACES = ("reward", "loss")
+
+
+def group_config_problems(cfg: PPOConfig) -> list[str]:
+    """What is wrong with the group-advantage settings of cfg (PPOConfig.__post_init__ reports it)."""
+    if cfg.advantage not in ADVANTAGES:
+        return [f"advantage={cfg.advantage!r} (use one of {', '.join(ADVANTAGES)})"]
+    if cfg.advantage == "gae":
+        return []
+    problems = []
+    if cfg.group_size < 2 or cfg.batch_size % cfg.group_size:
+        problems.append(f"group_size={cfg.group_size} with batch_size={cfg.batch_size} (need group_size >= 2 "
+                        "dividing batch_size: batch_size counts responses, group_size per prompt)")
+    if cfg.kl_in not in KL_PLACES:
+        problems.append(f"kl_in={cfg.kl_in!r} (use reward or loss)")
+    if cfg.loss_agg not in AGG_MODES:
+        problems.append(f"loss_agg={cfg.loss_agg!r} (use one of {', '.join(AGG_MODES)})")
+    if cfg.group_scale is not None and cfg.group_scale not in GROUP_SCALES:
+        problems.append(f"group_scale={cfg.group_scale!r} (use one of {', '.join(GROUP_SCALES)})")
+    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.minibatch_size:
+        problems.append(f"micro_batch_size={cfg.micro_batch_size} (need 1..minibatch_size={cfg.minibatch_size})")
+    return problems
+
+
+def group_rollout(policy, ref_model, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
+                  cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> Rollout:
+    """cfg.group_size responses to each prompt: rollout() of the prompts each repeated group_size times in a row
+    (row i answers prompt i // group_size), without a value model. Its first forward pass takes the rows of
+    grpo_step's first micro-batch, which then recomputes their log-probs bit for bit (ratio exactly 1)."""
+    G = cfg.group_size
+    first_pass = dataclasses.replace(cfg, minibatch_size=cfg.micro_batch_size or cfg.minibatch_size)
+    return rollout(policy, ref_model, None, [p for p in prompt_ids for _ in range(G)],
+                   [p for p in prompts for _ in range(G)], reward_fn, first_pass, stop_ids, pad_id, seed)
+
+
+def compute_group_advantages(ro: Rollout, beta: float, cfg: PPOConfig) -> Rollout:
+    """Fill in KL, rewards and group advantages of a rollout whose rows are G responses per prompt, in groups.
+
+    rewards [B, N] are losses.per_token_rewards' (score, plus the truncation penalty, at the last token; -beta * KL_t
+    on every token when cfg.kl_in == "reward", else none and KL_t is the k3 estimate the loss term uses). A row's
+    total reward R [B] is their sum; advantages [B, N] = losses.group_advantages(R as [B/G, G]) on the row's tokens.
+    A group whose R are all equal carries no signal: its advantages are 0."""
+    in_reward = cfg.kl_in == "reward"
+    ro.rewards, ro.kl = per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
+                                          beta if in_reward else 0.0, cfg.kl_estimator if in_reward else "k3",
+                                          truncated=~ro.finished, truncation_penalty=cfg.truncation_penalty)
+    total = ro.rewards.sum(1)  # [B] score (+ penalty) - beta * sum_t KL_t (rewards are 0 on padding)
+    baseline = "mean" if cfg.advantage == "grpo" else "leave_one_out"
+    scale = cfg.group_scale or ("std" if cfg.advantage == "grpo" else "none")
+    adv = group_advantages(total.view(-1, cfg.group_size), baseline, scale).reshape(-1)  # [B]
+    zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
+    ro.advantages = torch.where(ro.response_mask.bool(), adv[:, None], zero)  # [B, N]
+    ro.beta = float(beta)
+    return ro
+
+
+def group_token_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, clip: float,
+                     kl_coef: float = 0.0) -> Tensor:
+    """The per-token loss of GRPO's objective (Shao et al. 2024, eq. 3, before its means over tokens and responses):
+    -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + kl_coef * k3(pi || pi_ref), ratio = pi / pi_old.
+
+    The first term is losses.ppo_policy_loss's per token (Schulman et al. 2017, eq. 7); the second is GRPO's KL
+    estimate pi_ref/pi - log(pi_ref/pi) - 1 (losses.kl_penalty "k3"), 0 when kl_coef is 0 (KL in the reward).
+    All [B, N]; reduce with losses.aggregate_loss (micro_batch_loss)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    if kl_coef:
+        loss = loss + kl_coef * kl_penalty(logp, ref_logp, "k3")
+    return loss
+
+
+def micro_batch_loss(per_token: Tensor, mask: Tensor, mode: str, batch_rows: int, batch_tokens: int,
+                     max_len: int) -> Tensor:
+    """One micro-batch's share of its minibatch's loss in aggregation `mode`: the shares of a minibatch's micro-
+    batches add up to losses.aggregate_loss over the whole minibatch, however it is split. per_token/mask [b, N];
+    batch_rows and batch_tokens: the minibatch's non-empty rows and real tokens; max_len: the response limit.
+
+      token-mean               sum / batch_tokens: every token of the minibatch weighs the same (PPO here, DAPO).
+      seq-mean-token-mean      mean over rows of each row's token mean (GRPO as published): a token of a response
+                               of length L weighs 1/L, so with a positive advantage short responses are pushed up
+                               harder, and with a negative one long responses are pushed down more gently; the
+                               length bias Liu et al. 2025 (Dr. GRPO, arXiv 2503.20783, section 3.1) show makes
+                               wrong answers grow longer.
+      seq-mean-token-sum       mean over rows of each row's token sum: a response weighs its length.
+      seq-mean-token-sum-norm  sum / (batch_rows * max_len), a constant (Dr. GRPO; TRL's dr_grpo): every token weighs
+                               the same and the scale depends on neither the lengths nor the split."""
+    if mode == "token-mean":
+        return aggregate_loss(per_token, mask, mode, global_tokens=float(batch_tokens))
+    if mode == "seq-mean-token-sum-norm":
+        return aggregate_loss(per_token, mask, mode, constant=float(batch_rows * max_len))
+    rows = int((mask.sum(1) > 0).sum())
+    return aggregate_loss(per_token, mask, mode) * (rows / batch_rows)
+
+
+def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) -> dict:
+    """cfg.ppo_epochs passes of minibatch updates of the policy alone on group advantages; returns mean statistics.
+
+    Each minibatch of cfg.minibatch_size rows is one optimiser step, its gradient accumulated over micro-batches of
+    cfg.micro_batch_size rows (micro_batch_loss: the same loss whatever the split). The first epoch takes the rows
+    in order: its first micro-batch is the rollout's first forward pass, so the ratio is exactly 1 there
+    (ratio_first_maxdev == 0); later epochs shuffle. With cfg.kl_in == "loss", the k3 term is taken against the
+    rollout's reference log-probs (the reference is frozen), with coefficient ro.beta. Statistics are token-
+    weighted means over each minibatch (ref_kl_k3: the per-token k3 KL of the policy being updated to the reference),
+    policy_loss the minibatch's loss; then means over the minibatches."""
+    B, P = ro.query_ids.shape
+    ids, mask = ro.input_ids, ro.attention_mask
+    params = [p for p in policy.parameters() if p.requires_grad]
+    micro = cfg.micro_batch_size or cfg.minibatch_size
+    kl_coef = ro.beta if cfg.kl_in == "loss" else 0.0
+    g = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    steps = 0
+    ratio_first_maxdev = float("nan")
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=g)
+        for chunk in _chunks(B, cfg.minibatch_size):
+            batch = order[chunk].to(ids.device)
+            batch_mask = ro.response_mask[batch]
+            n_rows, n_tokens = int((batch_mask.sum(1) > 0).sum()), int(batch_mask.sum())
+            policy_opt.zero_grad(set_to_none=True)
+            step_sums: dict[str, float] = {}
+            for sub in _chunks(len(batch), micro):
+                rows = batch[sub]
+                m = ro.response_mask[rows]
+                logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
+                per_token = group_token_loss(logp, ro.logprobs[rows], ro.ref_logprobs[rows], ro.advantages[rows],
+                                             cfg.clip_ratio, kl_coef)
+                loss = micro_batch_loss(per_token, m, cfg.loss_agg, n_rows, n_tokens, cfg.max_new_tokens)
+                loss.backward()
+                with torch.no_grad():
+                    if steps == 0 and sub.start == 0:  # before any update in this iteration: must be exactly 0
+                        dev = (torch.exp(logp - ro.logprobs[rows]) - 1).abs()
+                        ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
+                    _, token_means = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
+                    token_means["ref_kl_k3"] = masked_mean(kl_penalty(logp, ro.ref_logprobs[rows], "k3"), m)
+                    token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
+                del logits
+                share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
+                for k, v in [("policy_loss", float(loss.detach()))] + [(k, float(v) * share) for k, v in token_means.items()]:
+                    step_sums[k] = step_sums.get(k, 0.0) + v
+            step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
+            policy_opt.step()
+            policy_opt.zero_grad(set_to_none=True)
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+    stats = {k: v / steps for k, v in sums.items()}
+    stats["ratio_first_maxdev"] = ratio_first_maxdev
+    return stats
+
+
+def group_stats(ro: Rollout, cfg: PPOConfig) -> dict:
+    """What to log about a batch of groups, beyond rollout_stats."""
+    total = (ro.rewards * ro.response_mask).sum(1).view(-1, cfg.group_size)  # [B/G, G]
+    adv = ro.advantages[:, 0]  # [B]: each row's advantage (every response has a first token)
+    return {
+        "reward_group_std": float(total.std(dim=1).mean()),  # mean within-group spread of R
+        "groups_without_signal": float((total == total[:, :1]).all(dim=1).float().mean()),  # all R equal: A = 0
+        "advantage_abs_mean": float(adv.abs().mean()),
+    }
+
+
+def group_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
+                    cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
+    """GRPO / RLOO: cfg.group_size responses to each of the batch_size / group_size prompts -> group advantages ->
+    grpo_step -> KL controller update; advances state.iteration by one. The rollout's rows are the prompts, each
+    repeated group_size times in a row (row i answers prompts[i // group_size])."""
+    G = cfg.group_size
+    if cfg.advantage == "gae" or len(prompt_ids) * G != cfg.batch_size or len(prompts) != len(prompt_ids):
+        raise ValueError(f"group_iteration needs advantage grpo/rloo and batch_size / group_size = "
+                         f"{cfg.batch_size // G} prompts, got advantage {cfg.advantage!r} and {len(prompt_ids)}")
+    it = state.iteration
+    t0 = time.perf_counter()
+    ro = group_rollout(state.policy, state.ref_model, prompt_ids, prompts, reward_fn, cfg, stop_ids, pad_id,
+                       seed=derive_seed(seed, it, STREAM_SAMPLING))
+    check_sampler_logprobs(ro, state.policy.dtype, cfg.logprob_tol)
+    compute_group_advantages(ro, state.kl_ctl.beta, cfg)
+    stats = {"iteration": it, **rollout_stats(ro), **group_stats(ro, cfg)}
+    t1 = time.perf_counter()
+    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=derive_seed(seed, it, STREAM_MINIBATCH)))
+    state.kl_ctl.update(stats["kl"], n_steps=cfg.batch_size)
+    stats["beta_next"] = state.kl_ctl.beta
+    stats["rollout_s"] = t1 - t0
+    stats["update_s"] = time.perf_counter() - t1
+    state.iteration = it + 1
+    return ro, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: <dir>/iter_000010/{policy/, value/, trainer_state.pt}
 
 
@@ -499,9 +728,10 @@ def save_checkpoint(directory, state: PPOState, tokenizer=None, keep: int = 1) -
     state.policy.save_pretrained(tmp / "policy")
     if tokenizer is not None:
         tokenizer.save(tmp / "policy")
-    state.value_model.save_pretrained(tmp / "value")
-    torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta,
-                "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict()},
+    if state.value_model is not None:
+        state.value_model.save_pretrained(tmp / "value")
+    torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta, "policy_opt": state.policy_opt.state_dict(),
+                "value_opt": state.value_opt.state_dict() if state.value_opt is not None else None},
                tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -530,14 +760,20 @@ def load_checkpoint(path, state: PPOState) -> PPOState:
         raise MinicaiError(f"{path / 'trainer_state.pt'}: cannot be read ({e}). Fix: delete {path} to resume "
                            "from the previous checkpoint, or start a fresh run with another --out.") from None
     device, dtype = state.policy.device, state.policy.dtype
+    if (state.value_model is None) != (trainer["value_opt"] is None):
+        written, now = ("gae", "grpo/rloo") if trainer["value_opt"] is not None else ("grpo/rloo", "gae")
+        raise MinicaiError(f"{path} was written by a run with --advantage {written}; this run has --advantage {now}. "
+                           f"Fix: resume with --advantage {written}, or start a fresh run with another --out.")
     policy = Transformer.from_pretrained(path / "policy", dtype=dtype, device=device)
-    value = RewardModel.from_pretrained(path / "value", dtype=next(state.value_model.parameters()).dtype,
-                                        device=device)
     with torch.no_grad():
         state.policy.load_state_dict(policy.state_dict())
-        state.value_model.load_state_dict(value.state_dict())
     state.policy_opt.load_state_dict(trainer["policy_opt"])
-    state.value_opt.load_state_dict(trainer["value_opt"])
+    if state.value_model is not None:
+        value = RewardModel.from_pretrained(path / "value", dtype=next(state.value_model.parameters()).dtype,
+                                            device=device)
+        with torch.no_grad():
+            state.value_model.load_state_dict(value.state_dict())
+        state.value_opt.load_state_dict(trainer["value_opt"])
     state.kl_ctl.beta = float(trainer["beta"])
     state.iteration = int(trainer["iteration"])
     return state
