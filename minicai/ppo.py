@@ -610,9 +610,12 @@ def micro_batch_loss(per_token: Tensor, mask: Tensor, mode: str, batch_rows: int
                                wrong answers grow longer.
       seq-mean-token-sum       mean over rows of each row's token sum: a response weighs its length.
       seq-mean-token-sum-norm  sum / (batch_rows * max_len), a constant (Dr. GRPO; TRL's dr_grpo): every token weighs
-                               the same and the scale depends on neither the lengths nor the split."""
+                               the same and the scale depends on neither the lengths nor the split.
+      token-sum                sum, no normaliser (verl 0.9): the micro-batches' sums add up as they are."""
     if mode == "token-mean":
         return aggregate_loss(per_token, mask, mode, global_tokens=float(batch_tokens))
+    if mode == "token-sum":
+        return aggregate_loss(per_token, mask, mode)
     if mode == "seq-mean-token-sum-norm":
         return aggregate_loss(per_token, mask, mode, constant=float(batch_rows * max_len))
     rows = int((mask.sum(1) > 0).sum())
@@ -663,7 +666,8 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) ->
                     token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
                 del logits
                 share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
-                for k, v in [("policy_loss", float(loss.detach()))] + [(k, float(v) * share) for k, v in token_means.items()]:
+                shares = [("policy_loss", float(loss.detach()))] + [(k, float(v) * share) for k, v in token_means.items()]
+                for k, v in shares:
                     step_sums[k] = step_sums.get(k, 0.0) + v
             step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
             policy_opt.step()
