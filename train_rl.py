@@ -25,9 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicai import MinicaiError
+from minicai import MinicaiError, precision
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
 from minicai.ppo import (
+    KL_HORIZON_BATCHES,
     PPOConfig,
     init_state,
     latest_checkpoint,
@@ -97,15 +98,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kl-coef", type=float, default=DEFAULTS.kl_coef, help="initial beta" + D)
     g.add_argument("--kl-target", type=float, default=DEFAULTS.kl_target,
                    help="target KL per response (nats) of the adaptive controller; 0 keeps beta fixed" + D)
-    g.add_argument("--kl-horizon", type=float, default=DEFAULTS.kl_horizon,
-                   help="episodes over which the adaptive controller closes the gap to the target" + D)
+    g.add_argument("--kl-horizon", type=float, default=None,
+                   help="episodes over which the adaptive controller closes the gap to the target (default: "
+                        f"{KL_HORIZON_BATCHES} batches, i.e. {KL_HORIZON_BATCHES} x --batch-size; Ziegler et al.: "
+                        "10000 at batch 512)")
     g.add_argument("--kl-estimator", default=DEFAULTS.kl_estimator, choices=["k1", "abs", "k2", "k3"],
                    help="per-token KL estimator (k1 = log pi/pi_ref, as Ziegler et al.)" + D)
     g.add_argument("--truncation-penalty", type=float, default=DEFAULTS.truncation_penalty,
                    help="added to the score of responses that hit --max-new-tokens without a stop token, "
                         "e.g. -1; 0 = off" + D)
     g.add_argument("--logprob-tol", type=float, default=DEFAULTS.logprob_tol,
-                   help="max allowed |sampler log-prob - forward log-prob| in float32 (a consistency check)" + D)
+                   help="max allowed |sampler log-prob - forward log-prob| in float32 (a consistency check; bf16 and "
+                        "fp16 runs allow their rounding, minicai/precision.py)" + D)
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--save-every", type=int, default=10,
@@ -163,16 +167,19 @@ def main(argv=None) -> None:
     if args.model not in (None, "default") and not Path(args.model).is_dir():
         raise MinicaiError(f"--model {args.model}: not found. Fix: run train_sl.py first (it writes runs/sl/model), "
                            "or pass --model DIR / --model default")
-    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, dtype)
+    # Mixed precision (minicai/precision.py): policy, reference and value model hold float32 weights (the reference
+    # takes exactly the policy's passes: KL exactly 0 at iteration 0); a bf16/fp16 run computes under autocast.
+    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype))
     ref_model = copy.deepcopy(policy)
     # The preference model's score is the reward. It reads responses as text, in its own chat template.
     if not Path(args.pm).is_dir():
         raise MinicaiError(f"--pm {args.pm}: not found. Fix: run train_pm.py first (it writes runs/pm/model), "
                            "or pass --pm DIR")
-    pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device)
+    pm, pm_tok = load_reward_model(args.pm, dtype=precision.weight_dtype(dtype), device=device)
     pm.requires_grad_(False).eval()
-    value_model, value_init = make_value_model(policy, tok, pm, pm_tok)
-    state = init_state(policy, ref_model, value_model, cfg)
+    value_model, value_init = make_value_model(policy, tok, pm, pm_tok)  # a float32 copy, trained
+    pm.trunk.to(dtype)  # the PM only scores: it may stay in the run's dtype (its head stays float32)
+    state = init_state(policy, ref_model, value_model, cfg, amp_dtype=precision.amp_dtype(dtype))
     reward_fn = functools.partial(score_with_pm, pm, pm_tok, tok, batch_size=args.pm_batch_size)
     print(f"policy and reference: {policy_dir}; preference model: {args.pm}; value model: {value_init}")
 

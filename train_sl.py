@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minicai import MinicaiError, run
+from minicai import MinicaiError, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
@@ -41,7 +41,8 @@ suggested GPU setting (one large GPU): all 240 project red-team prompts, the pap
       --gen-batch-size 64 --response-tokens 192 --critique-tokens 128 --revision-tokens 192 \\
       --epochs 2 --batch-size 16 --max-len 512
   more prompts: --red-team FILE.jsonl.gz (HH-RLHF transcripts: the first Human turn is the prompt)
-  bf16 on cuda: generation runs in bf16; fine-tuning keeps fp32 weights under bf16 autocast.
+  bf16 (the default on cuda): generation runs in bf16; fine-tuning keeps fp32 weights and runs the forward and
+  backward passes under bf16 autocast (minicai/precision.py).
 
 outputs (in --out): args.json, revisions.jsonl, helpful.jsonl, metrics.jsonl, model/ (config.json,
 model.safetensors, tokenizer files, done.json). A rerun resumes the generation where it stopped and reuses a
@@ -195,12 +196,11 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
     items = revision_pairs(records, args.revisions) + helpful_pairs(helpful_records)
 
     model, tok, path = get_model()
-    amp_dtype = None
-    if dtype in (torch.bfloat16, torch.float16):
-        # Low-precision weights would round AdamW's small updates away: train fp32 weights under autocast.
+    if precision.weight_dtype(dtype) != dtype:  # the generation model is bf16/fp16: train float32 weights instead
         from minicai.model import Transformer
-        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
-        amp_dtype = dtype
+
+        get_model.cache.clear()
+        model = Transformer.from_pretrained(path, dtype=precision.weight_dtype(dtype), device=device)
     examples, dropped = build_examples(tok, items, args.max_len)
     train, heldout = split_heldout(examples, args.heldout, args.seed)
     n_rev = sum(e.source == "revision" for e in examples)
@@ -208,7 +208,7 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
           f"than --max-len), {len(train)} train / {len(heldout)} held out")
     cfg = sft_config_from(args)
     summary = train_sft(model, train, heldout, cfg, tok.pad_id, log=lambda rec: run.log_metrics(out, rec),
-                        amp_dtype=amp_dtype)
+                        amp_dtype=precision.amp_dtype(dtype))
     summary.update(data=str(data_path), helpful_data=str(helpful_path) if helpful_records else None,
                    revision_examples=n_rev, helpful_examples=len(examples) - n_rev, dropped=dropped,
                    config=asdict(cfg))
@@ -256,6 +256,8 @@ def main(argv=None) -> None:
             model, tok, path = run.load_model_and_tokenizer(args.model, device, dtype)
             cache["model"] = (model.eval(), tok, path)
         return cache["model"]
+
+    get_model.cache = cache  # train_half drops a bf16/fp16 generation model before it loads float32 weights
 
     if args.only != "train":
         generate_half(args, out, get_model)

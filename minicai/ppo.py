@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from minicai import MinicaiError
+from minicai import MinicaiError, precision
 from minicai.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -84,10 +84,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     kl_coef: float = 0.05  # initial beta in r_t = -beta * KL_t
     kl_target: float | None = 6.0  # target KL (nats per response) of the adaptive controller; None: fixed beta
-    kl_horizon: float = 160.0  # episodes; at batch 8, beta moves <= 1% per iteration (Ziegler: 10000 at batch 512)
+    kl_horizon: float | None = None  # episodes; None: KL_HORIZON_BATCHES batches (Ziegler: 10000 at batch 512)
     kl_estimator: str = "k1"  # losses.kl_penalty kind: k1 (log-ratio, Ziegler et al.), abs, k2, k3
     truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
-    logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32
+    logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32 (bf16: see precision)
     share_prefix: bool = True  # run the prompts' common opening once per forward pass (exact up to float rounding)
 
     def __post_init__(self) -> None:
@@ -102,17 +102,28 @@ class PPOConfig:
             problems.append(f"temperature={self.temperature} (need > 0: PPO needs a sampling distribution)")
         if self.max_new_tokens < 1 or self.ppo_epochs < 1:
             problems.append("max_new_tokens and ppo_epochs must be >= 1")
-        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon is not None and self.kl_horizon <= 0):
             problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
         if problems:
             raise MinicaiError("invalid PPO settings: " + "; ".join(problems) + ". Fix the corresponding flags.")
+
+
+# The adaptive controller's default horizon, in batches: beta closes at most 20% of its gap per 20 iterations whatever
+# the batch size (Ziegler et al. 2019: a horizon of 10000 episodes at batch 512, about 20 batches). A horizon fixed in
+# episodes would move beta 8 times faster per iteration at batch 64 than at batch 8.
+KL_HORIZON_BATCHES = 20
+
+
+def kl_horizon(cfg: PPOConfig) -> float:
+    """The controller's horizon in episodes: cfg.kl_horizon, or KL_HORIZON_BATCHES * batch_size when it is None."""
+    return float(cfg.kl_horizon) if cfg.kl_horizon is not None else float(KL_HORIZON_BATCHES * cfg.batch_size)
 
 
 def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
     """Adaptive (Ziegler et al. 2019) when a target KL is set, else a fixed beta."""
     if cfg.kl_target is None:
         return FixedKLController(cfg.kl_coef)
-    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, kl_horizon(cfg))
 
 
 def derive_seed(seed: int, iteration: int, stream: int) -> int:
@@ -340,8 +351,12 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
     return norm
 
 
-def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) -> dict:
+def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0,
+             amp_dtype: torch.dtype | None = None) -> dict:
     """cfg.ppo_epochs passes of minibatch updates over the rollout; returns mean statistics.
+
+    amp_dtype: the forward passes run under precision.autocast in this dtype (bf16/fp16; None: none), as the
+    rollout's did, so the first minibatch still recomputes the old log-probs bit for bit.
 
     The first epoch takes the rows in order (its first minibatch is the rollout's first forward pass, so it
     recomputes the old log-probs bit for bit: ratio exactly 1); later epochs shuffle. Policy and value model are
@@ -361,7 +376,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             rows = order[chunk].to(ids.device)
             m = ro.response_mask[rows]
             # policy: clipped surrogate on whitened advantages
-            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
+            with precision.autocast(ids.device, amp_dtype):
+                logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
             pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
             if steps == 0:  # before any update in this iteration: must be exactly 0
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
@@ -375,7 +391,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
             del logits
             # value model: clipped regression onto the GAE returns
-            v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
+            with precision.autocast(ids.device, amp_dtype):
+                v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
             vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
             value_opt.zero_grad(set_to_none=True)
             vf_loss.backward()
@@ -419,14 +436,14 @@ def rollout_stats(ro: Rollout) -> dict:
 
 
 def check_sampler_logprobs(ro: Rollout, dtype: torch.dtype, tol: float) -> None:
-    """The sampler (KV cache, one token at a time) and the full forward pass must give the same log-probs; in float32
-    they agree to rounding. A gap means padding/positions differ between the two paths: a bug, not a user error."""
-    if dtype not in (torch.float32, torch.float64):
-        return
+    """The sampler (KV cache, one token at a time) and the full forward pass must give the same log-probs up to the
+    rounding of the products' dtype `dtype` (float32: within `tol`; bf16/fp16: precision.logprob_tolerance). A
+    larger gap means padding/positions differ between the two paths: a bug, not a user error."""
+    tol = precision.logprob_tolerance(dtype, tol)
     gap = float(((ro.sample_logprobs - ro.logprobs).abs() * ro.response_mask).max())
     if not gap <= tol:
-        raise RuntimeError(f"sampler log-probs differ from the forward pass by {gap:.2e} > {tol:g}: padding or "
-                           f"position handling disagrees between minicai.sampling.generate and the model forward")
+        raise RuntimeError(f"sampler log-probs differ from the forward pass by {gap:.2e} > {tol:g} ({dtype}): padding "
+                           f"or position handling disagrees between minicai.sampling.generate and the model forward")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -444,19 +461,27 @@ class PPOState:
     value_opt: torch.optim.Optimizer
     kl_ctl: AdaptiveKLController | FixedKLController
     iteration: int = 0
+    amp_dtype: torch.dtype | None = None  # bf16/fp16: every forward pass runs under autocast (precision.py)
 
 
-def init_state(policy, ref_model, value_model, cfg: PPOConfig) -> PPOState:
-    """Freeze the reference, make policy and value model trainable, create one AdamW for each."""
+def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.dtype | None = None) -> PPOState:
+    """Freeze the reference, make policy and value model trainable, create one AdamW for each.
+
+    The mixed-precision rule (precision.py): policy and value model hold float32 (or float64) weights, which AdamW
+    updates; amp_dtype (bf16/fp16, or None) is the dtype the forward passes run in under autocast. For a KL of
+    exactly 0 at iteration 0, give the reference the policy's dtype (a copy of it)."""
     ref_model.requires_grad_(False).eval()
     policy.requires_grad_(True)
     value_model.requires_grad_(True)
+    precision.check_trainable(policy, "the policy")
+    precision.check_trainable(value_model, "the value model")
     # fused: one kernel per parameter group instead of foreach's temporary copies of every tensor (faster on CPU and
     # GPU, and the peak memory of a step no longer holds an extra copy of the parameters)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay, fused=True)
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
                                   fused=True)
-    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg))
+    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg),
+                    amp_dtype=precision.amp_dtype(amp_dtype) if amp_dtype is not None else None)
 
 
 def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
@@ -464,14 +489,15 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
     """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one."""
     it = state.iteration
     t0 = time.perf_counter()
-    ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
-                 pad_id, seed=derive_seed(seed, it, STREAM_SAMPLING))
-    check_sampler_logprobs(ro, state.policy.dtype, cfg.logprob_tol)
+    with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
+        ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
+                     pad_id, seed=derive_seed(seed, it, STREAM_SAMPLING))
+    check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
     compute_advantages(ro, state.kl_ctl.beta, cfg)
     stats = {"iteration": it, **rollout_stats(ro)}
     t1 = time.perf_counter()
     stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
-                          seed=derive_seed(seed, it, STREAM_MINIBATCH)))
+                          seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype))
     state.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids))
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0

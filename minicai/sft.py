@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minicai import MinicaiError
+from minicai import MinicaiError, precision
 from minicai.losses import sft_loss
 
 
@@ -170,12 +170,6 @@ def warmup_steps(warmup: float, total: int) -> int:
 # Training
 
 
-def _autocast(model, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or model.device.type == "cpu":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(model.device.type, dtype=amp_dtype)
-
-
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8,
                   amp_dtype: torch.dtype | None = None) -> float:
@@ -184,7 +178,7 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int =
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
         n = target_tokens(batch)
-        with _autocast(model, amp_dtype):
+        with precision.autocast(model.device, amp_dtype):
             logits = model(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
         total += float(sft_loss(logits, batch["input_ids"], batch["loss_mask"])) * n
         count += n
@@ -215,7 +209,11 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
     log(record) receives one dict per optimizer step ({"phase": "sft", step, epoch (0-based, of the step's last
     micro-batch), loss, lr, grad_norm, tokens (non-pad), target_tokens, tokens_per_s, seconds}) and one per held-out
     evaluation ({"phase": "sft_eval", step, epoch (epochs completed), heldout_loss}): before the first step, after
-    each epoch, and after the last step."""
+    each epoch, and after the last step.
+
+    Mixed precision (precision.py): the model's weights are float32 (or float64); amp_dtype (bf16/fp16, None: off)
+    is the dtype of the forward and backward passes under autocast."""
+    precision.check_trainable(model, "the SFT model")
     if not train:
         raise MinicaiError("no SFT training examples (all revisions empty or longer than --max-len). "
                            "Fix: generate more revisions or raise --max-len.")
@@ -259,7 +257,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             n = target_tokens(b)
             if n == 0:
                 continue
-            with _autocast(model, amp_dtype):
+            with precision.autocast(model.device, amp_dtype):
                 logits = model(b["input_ids"], b["attention_mask"])  # [B, T, V]
             loss = sft_loss(logits, b["input_ids"], b["loss_mask"])
             (loss * (n / n_target)).backward()
