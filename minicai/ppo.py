@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from minicai import MinicaiError, precision
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -247,10 +247,13 @@ def rollout(
     stop_ids=(),
     pad_id: int = 0,
     seed: int = 0,
+    first_pass_rows: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt and gather old/reference log-probs, values and scores (experience collection).
 
-    prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row."""
+    prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row.
+    first_pass_rows: how many leading rows form the first PPO minibatch (default: cfg.minibatch_size; under
+    torchrun, this process's share of it)."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
@@ -264,7 +267,7 @@ def rollout(
     # minibatch go alone: ppo_step's first minibatch (the same rows, tensors and prefix) then recomputes their
     # log-probs bit for bit (ratio exactly 1). Policy and reference take the same passes, so a reference equal to
     # the policy gives a KL of exactly 0.
-    first = min(cfg.minibatch_size, B)
+    first = min(cfg.minibatch_size if first_pass_rows is None else first_pass_rows, B)
     rest = _chunks(B - first, cfg.forward_batch_size)
     passes = [slice(0, first)] + [slice(first + c.start, first + c.stop) for c in rest]
     logp, ref_logp, values = [], [], []
@@ -298,7 +301,8 @@ def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig) -> Rollout:
     ro.rewards, ro.kl = per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator,
                                           truncated=truncated, truncation_penalty=cfg.truncation_penalty)
     adv, ro.returns = gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
-    ro.advantages = whiten(adv, mask) if cfg.whiten_advantages else adv
+    # under torchrun: the mean and variance of every process's advantages (distributed.whiten), not this one's
+    ro.advantages = distributed.whiten(adv, mask) if cfg.whiten_advantages else adv
     ro.beta = float(beta)
     return ro
 
@@ -366,15 +370,31 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
     ids, mask = ro.input_ids, ro.attention_mask
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_model.parameters() if p.requires_grad]
+    # Under torchrun this process holds rows r, r + W, ... of the global batch (distributed.my_rows): each global
+    # minibatch is split by that rule, its losses are token means over the GLOBAL minibatch, gradients are summed.
+    W, r = distributed.world(), distributed.rank()
+    B_all = int(distributed.total(B)) if W > 1 else B
     g = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     steps = 0
     ratio_first_maxdev = float("nan")
     for epoch in range(cfg.ppo_epochs):
-        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=g)
-        for chunk in _chunks(B, cfg.minibatch_size):
-            rows = order[chunk].to(ids.device)
+        order = torch.arange(B_all) if epoch == 0 else torch.randperm(B_all, generator=g)
+        for chunk in _chunks(B_all, cfg.minibatch_size):
+            rows = order[chunk]
+            if W > 1:
+                rows = torch.tensor([int(i) // W for i in rows if int(i) % W == r], dtype=torch.long)
+            rows = rows.to(ids.device)
             m = ro.response_mask[rows]
+            share = distributed.token_share(float(m.sum()), distributed.total(m.sum())) if W > 1 else 1.0
+            if len(rows) == 0:  # nothing of this minibatch here: add zero gradients to the others' sums
+                for opt, params in ((policy_opt, policy_params), (value_opt, value_params)):
+                    opt.zero_grad(set_to_none=True)
+                    distributed.all_reduce_grads(params)
+                    clip_grad_norm(params, cfg.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                continue
             # policy: clipped surrogate on whitened advantages
             with precision.autocast(ids.device, amp_dtype):
                 logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
@@ -383,7 +403,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
                 ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
             policy_opt.zero_grad(set_to_none=True)
-            pg_loss.backward()
+            (pg_loss * share if W > 1 else pg_loss).backward()
+            distributed.all_reduce_grads(policy_params)
             pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
@@ -395,7 +416,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
             vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
             value_opt.zero_grad(set_to_none=True)
-            vf_loss.backward()
+            (vf_loss * share if W > 1 else vf_loss).backward()
+            distributed.all_reduce_grads(value_params)
             vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
             value_opt.step()
             value_opt.zero_grad(set_to_none=True)
@@ -408,8 +430,11 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             for k, v_ in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v_)
             steps += 1
-    stats = {k: v / steps for k, v in sums.items()}
+    stats = {k: v / max(steps, 1) for k, v in sums.items()}
     stats["ratio_first_maxdev"] = ratio_first_maxdev
+    if W > 1:  # the mean over processes of each process's mean; the largest deviation of any process
+        stats = {k: distributed.mean(torch.tensor([v])) for k, v in stats.items()}
+        stats["ratio_first_maxdev"] = float(distributed.all_max(torch.tensor(ratio_first_maxdev)))
     return stats
 
 
@@ -432,6 +457,34 @@ def rollout_stats(ro: Rollout) -> dict:
         "sampler_logprob_maxdiff": float(logp_gap.max()),
         "value_mean": float(masked_mean(ro.values, m)),
         "return_mean": float(masked_mean(ro.returns, m)),
+    } if not distributed.active() else global_rollout_stats(ro)
+
+
+def global_rollout_stats(ro: Rollout) -> dict:
+    """rollout_stats over every process's rows (under torchrun): global means, maxima and token means."""
+    m = ro.response_mask.float()
+    kl_sum = (ro.kl * m).sum(1)
+    tokens = distributed.total(m.sum())
+
+    def token_mean(x: Tensor) -> float:
+        return distributed.total((x * m).sum()) / tokens
+
+    score_mean = distributed.mean(ro.scores)
+    n = distributed.total(len(ro.scores))
+    score_var = (distributed.total(((ro.scores.double() - score_mean) ** 2).sum()) / (n - 1)) if n > 1 else 0.0
+    return {
+        "score": score_mean,
+        "score_std": score_var ** 0.5,
+        "kl": distributed.mean(kl_sum),
+        "kl_per_token": token_mean(ro.kl),
+        "kl_max_abs": float(distributed.all_max(((ro.logprobs - ro.ref_logprobs).abs() * m).max())),
+        "beta": ro.beta,
+        "reward": distributed.mean((ro.rewards * m).sum(1)),
+        "response_length": distributed.mean(m.sum(1)),
+        "no_stop_frac": distributed.mean((~ro.finished).float()),
+        "sampler_logprob_maxdiff": float(distributed.all_max(((ro.sample_logprobs - ro.logprobs).abs() * m).max())),
+        "value_mean": token_mean(ro.values),
+        "return_mean": token_mean(ro.returns),
     }
 
 
@@ -486,19 +539,28 @@ def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.
 
 def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
                   cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
-    """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one."""
+    """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one.
+
+    prompt_ids/prompts: the global batch. Under torchrun each process runs its rows (distributed.my_rows) and
+    returns its own Rollout; the statistics are global."""
     it = state.iteration
     t0 = time.perf_counter()
+    n_all, first, sample_seed = len(prompt_ids), None, derive_seed(seed, it, STREAM_SAMPLING)
+    if distributed.active():  # this process's rows of the global batch; its share of the first minibatch goes first
+        mine = distributed.my_rows(n_all)
+        prompt_ids, prompts = [prompt_ids[i] for i in mine], [prompts[i] for i in mine]
+        first = len(distributed.my_rows(min(cfg.minibatch_size, n_all)))
+        sample_seed = derive_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
     with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
         ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
-                     pad_id, seed=derive_seed(seed, it, STREAM_SAMPLING))
+                     pad_id, seed=sample_seed, first_pass_rows=first)
     check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
     compute_advantages(ro, state.kl_ctl.beta, cfg)
     stats = {"iteration": it, **rollout_stats(ro)}
     t1 = time.perf_counter()
     stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
                           seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype))
-    state.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids))
+    state.kl_ctl.update(stats["kl"], n_steps=n_all)  # the global mean KL over the global batch
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0
     stats["update_s"] = time.perf_counter() - t1
