@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from minicai import MinicaiError, precision
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 
@@ -224,7 +224,8 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
     """Train the PM on labelled comparisons {prompt, response_a, response_b, p_a} with the soft-label Bradley-Terry
     loss (AdamW, gradient clipping, seeded shuffles). Calls on_step(metrics) after every step; returns all metrics.
     Mixed precision (precision.py): float32 weights, the forward passes under autocast in amp_dtype (bf16/fp16; None:
-    no autocast)."""
+    no autocast). Under torchrun every process takes pairs r, r + W, ... of each batch; the loss is the mean over
+    the whole batch (gradients summed), so W processes make one process's update; the metrics are global."""
     if not records:
         raise MinicaiError("no labelled comparisons to train the preference model on")
     precision.check_trainable(rm, "the preference model")
@@ -242,21 +243,30 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
         order = torch.randperm(len(records), generator=gen).tolist()
         for s in range(steps_per_epoch):
             batch = [records[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+            n_all, batch = len(batch), [batch[i] for i in distributed.my_rows(len(batch))]  # this process's pairs
             scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * scale
             lr = config.lr * scale
-            with precision.autocast(rm.device, amp_dtype):
-                r_a, r_b = pair_scores(rm, tok, batch, config.max_len)
-            p_a = torch.tensor([r["p_a"] for r in batch], dtype=torch.float32, device=r_a.device)
-            loss = bradley_terry_loss(r_a, r_b, p_a)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch:
+                with precision.autocast(rm.device, amp_dtype):
+                    r_a, r_b = pair_scores(rm, tok, batch, config.max_len)
+                p_a = torch.tensor([r["p_a"] for r in batch], dtype=torch.float32, device=r_a.device)
+                loss = bradley_terry_loss(r_a, r_b, p_a)
+                (loss * (len(batch) / n_all) if distributed.active() else loss).backward()
+                loss_value = float(loss.detach()) * len(batch)
+                decided = float((p_a != 0.5).sum())  # accuracy leaves out pairs without a preference
+                correct = preference_accuracy(r_a.detach(), r_b.detach(), p_a) * decided if decided else 0.0
+            else:
+                loss_value = correct = decided = 0.0
+            distributed.all_reduce_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
             optimizer.step()
             step += 1
-            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr,
-                       "accuracy": preference_accuracy(r_a.detach(), r_b.detach(), p_a),
+            metrics = {"step": step, "epoch": epoch, "loss": distributed.total(loss_value) / n_all, "lr": lr,
+                       "accuracy": (distributed.total(correct) / distributed.total(decided)
+                                    if distributed.total(decided) else float("nan")),
                        "grad_norm": float(grad_norm) if grad_norm is not None else None}
             history.append(metrics)
             if on_step is not None:

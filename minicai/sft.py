@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minicai import MinicaiError, precision
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import sft_loss
 
 
@@ -212,7 +212,11 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
     each epoch, and after the last step.
 
     Mixed precision (precision.py): the model's weights are float32 (or float64); amp_dtype (bf16/fp16, None: off)
-    is the dtype of the forward and backward passes under autocast."""
+    is the dtype of the forward and backward passes under autocast.
+
+    Under torchrun (distributed.py) every process draws the same micro-batches and takes its rows r, r + W, ... of
+    each; the loss is the token mean over the whole step's tokens in every process (gradients summed), so W
+    processes make the update one process makes. The held-out loss is computed in every process."""
     precision.check_trainable(model, "the SFT model")
     if not train:
         raise MinicaiError("no SFT training examples (all revisions empty or longer than --max-len). "
@@ -239,6 +243,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
 
     eval_heldout(0, 0)
     stream = micro_batches(len(train), cfg)
+    progress = progress and distributed.is_main()
     bar = tqdm(total=steps, desc="sft", unit="step", dynamic_ncols=True, disable=not progress)
     loss_value = float("nan")
     for step in range(steps):
@@ -249,9 +254,10 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             g["lr"] = lr
         # Token-weighted accumulation: each micro-batch's mean loss is scaled by its share of the step's tokens.
         micro = [next(stream) for _ in range(cfg.grad_accum)]
+        shares = [[idx[i] for i in distributed.my_rows(len(idx))] for _, idx, _ in micro]  # this process's rows
         batches = [{k: v.to(model.device) for k, v in collate([train[i] for i in idx], pad_id).items()}
-                   for _, idx, _ in micro]
-        n_target = sum(target_tokens(b) for b in batches)
+                   for idx in shares if idx]
+        n_target = int(distributed.total(sum(target_tokens(b) for b in batches)))  # the whole step's, all processes
         loss_sum = 0.0
         for b in batches:
             n = target_tokens(b)
@@ -262,11 +268,13 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             loss = sft_loss(logits, b["input_ids"], b["loss_mask"])
             (loss * (n / n_target)).backward()
             loss_sum += float(loss.detach()) * n
+        distributed.all_reduce_grads([p for p in model.parameters() if p.requires_grad])
+        loss_sum = distributed.total(loss_sum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches)))
         loss_value = loss_sum / max(1, n_target)
         ended = [m[0] for m in micro if m[2]]  # an epoch ended inside this step
         epoch = micro[-1][0]

@@ -51,27 +51,82 @@ def ppo_update_case() -> dict:
             "stats": stats}
 
 
-CASES = {"ppo_update": ppo_update_case}
+def sft_case() -> dict:
+    """Two SFT steps of 2 micro-batches of 3 examples (token counts differ per example and per process)."""
+    from minicai.sft import Example, SFTConfig, train_sft
+
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (5, 9, 4, 12, 7, 6, 8, 10, 3, 11, 6, 9):
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        examples.append(Example(ids, [0] * (n // 3) + [1] * (n - n // 3), "x"))
+    model = random_model(tiny_config(), seed=2, dtype=torch.float64)
+    logged = []
+    train_sft(model, examples, [], SFTConfig(steps=2, lr=1e-3, warmup=0, batch_size=3, grad_accum=2, seed=0), 0,
+              log=logged.append, progress=False)
+    return {"weights": model.state_dict(), "losses": [r["loss"] for r in logged if r["phase"] == "sft"]}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, case: str) -> None:
+def pm_case(tokenizer_dir: str) -> dict:
+    """Two preference-model steps of 5 pairs each (3 + 2 per process)."""
+    from minicai.reward import PMTrainConfig, train_preference_model
+    from minicai.tokenizer import ChatTokenizer
+
+    tok = ChatTokenizer.from_dir(tokenizer_dir)
+    words = ["fox", "dog", "bread", "salt", "quick", "lazy"]
+    records = [{"prompt": f"tell me about {words[i % 6]}", "response_a": " ".join(words[: 1 + i % 5]),
+                "response_b": words[(i + 2) % 6] + " !!", "p_a": (0.9, 0.2, 0.5, 0.7)[i % 4]} for i in range(10)]
+    rm = RewardModel.from_lm(random_model(tiny_config(vocab_size=tok.vocab_size), seed=3, dtype=torch.float64),
+                             head_init="normal", seed=3).double()
+    history = train_preference_model(rm, tok, records, PMTrainConfig(epochs=1, batch_size=5, lr=1e-3, seed=0))
+    return {"weights": rm.state_dict(), "losses": [h["loss"] for h in history],
+            "accuracy": [h["accuracy"] for h in history]}
+
+
+CASES = {"ppo_update": ppo_update_case, "sft": sft_case, "pm": pm_case}
+
+
+def run_case(case: str, tokenizer_dir: str) -> dict:
+    return CASES[case](tokenizer_dir) if case == "pm" else CASES[case]()
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, tokenizer_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(CASES[case](), Path(out_dir) / f"{case}_{rank}.pt")
+        torch.save({case: run_case(case, tokenizer_dir) for case in CASES}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_in_processes(case: str, tmp_path: Path) -> list[dict]:
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path), case), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"{case}_{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_tokenizer_dir) -> dict:
+    """Every case in this process (one process, all rows) and in 2 gloo processes: {case: (single, [rank0, rank1])}."""
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(tmp), str(tiny_tokenizer_dir)), nprocs=WORLD, join=True)
+    parts = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {case: (run_case(case, str(tiny_tokenizer_dir)), [p[case] for p in parts]) for case in CASES}
+
+
+def assert_same_weights(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert torch.allclose(b[k], v, atol=1e-10, rtol=0), (what, k, float((b[k] - v).abs().max()))
+
+
+@pytest.mark.parametrize("case", ["sft", "pm"])
+def test_sft_and_pm_updates_give_the_single_process_weights(case, results):
+    single, parts = results[case]
+    for p in parts:
+        assert_same_weights(single["weights"], p["weights"], case)
+        assert p["losses"] == pytest.approx(single["losses"], abs=1e-12)  # global metrics, the same everywhere
+        if case == "pm":
+            assert p["accuracy"] == pytest.approx(single["accuracy"], abs=1e-12)
 
 
 @pytest.fixture(scope="module")
-def ppo_results(tmp_path_factory):
-    single = ppo_update_case()  # no process group here: one process, all rows
-    return single, run_in_processes("ppo_update", tmp_path_factory.mktemp("dist"))
+def ppo_results(results):
+    return results["ppo_update"]
 
 
 def test_one_process_is_a_world_of_one():
