@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicai import MinicaiError, precision, run
+from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
 from minicai.data import append_jsonl, read_jsonl, read_prompts
@@ -310,7 +310,7 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
         rm = RewardModel.from_lm(lm, head_init=args.head_init, seed=args.seed)
         steps = args.pm_epochs * -(-len(train) // args.pm_batch_size)
         print(f"train: PM from {init} on {len(train)} pairs ({steps} steps), {len(held_out)} held out")
-        bar = tqdm(total=steps, desc="pm", unit="step")
+        bar = tqdm(total=steps, desc="pm", unit="step", disable=not distributed.is_main())
 
         def on_step(m):
             run.log_metrics(out, {"stage": "pm", **m})
@@ -326,7 +326,9 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
     if history:  # a fresh model: normalise on the policy's held-out samples (scored with offset 0, scale 1), save
         if not args.no_normalize:
             normalize_scores(rm, scores)
-        save_pm(rm, tok, model_dir, {"config": asdict(cfg), "train_pairs": len(train), "steps": len(history)})
+        if distributed.is_main():  # every process holds the same weights: rank 0 saves them
+            save_pm(rm, tok, model_dir, {"config": asdict(cfg), "train_pairs": len(train), "steps": len(history)})
+        distributed.barrier()
     metrics["offset"], metrics["scale"] = rm.offset, rm.scale
     run.log_metrics(out, {"stage": "pm_eval", **{k: v for k, v in metrics.items() if k != "calibration"}})
     if held_out:
@@ -365,7 +367,7 @@ def main(argv=None) -> None:
     device, dtype = run.setup(args)
     out = Path(args.out)
     steps = ("pairs", "label", "train") if args.only is None else (args.only,)
-    if args.force:
+    if args.force and distributed.is_main():
         doomed = {"pairs": ["pairs.jsonl", "labels.jsonl"], "label": ["labels.jsonl"], "train": ["model"]}
         for step in steps:
             for name in doomed[step]:
@@ -375,11 +377,13 @@ def main(argv=None) -> None:
                 elif target.exists():
                     target.unlink()
     policy_path = resolve_policy(args) if ("pairs" in steps or ("train" in steps and not args.pm_init)) else None
+    distributed.barrier()
     out = run.start_run(args, out)
     t0 = time.perf_counter()
     timings = {}
     if "pairs" in steps:
-        pairs = make_pairs(args, out, policy_path, device, dtype)
+        # under torchrun rank 0 samples (and below labels) while the others wait, then they read its files
+        pairs = run.main_first(lambda: make_pairs(args, out, policy_path, device, dtype))
     else:
         pairs = read_jsonl(out / "pairs.jsonl", tolerate_partial_last=True) if (out / "pairs.jsonl").is_file() else []
         if not pairs and "label" in steps:
@@ -387,7 +391,7 @@ def main(argv=None) -> None:
                                f"--only pairs --out {out})")
     timings["pairs"] = round(time.perf_counter() - t0, 1)
     if "label" in steps:
-        labels = make_labels(args, out, pairs, device, dtype)
+        labels = run.main_first(lambda: make_labels(args, out, pairs, device, dtype))
     else:
         labels = read_jsonl(out / "labels.jsonl", tolerate_partial_last=True) if (
             out / "labels.jsonl").is_file() else []
@@ -407,7 +411,8 @@ def main(argv=None) -> None:
         summary["pm"] = train_pm(args, out, labels, policy_path, device, dtype)
         timings["train"] = round(time.perf_counter() - t0 - timings["pairs"] - timings["labels"], 1)
     summary["seconds"] = {**summary.get("seconds", {}), **timings}
-    run.atomic_write_json(out / "summary.json", summary)
+    if distributed.is_main():
+        run.atomic_write_json(out / "summary.json", summary)
     print(f"summary -> {out / 'summary.json'} ({time.perf_counter() - t0:.0f}s)")
 
 

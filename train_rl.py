@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicai import MinicaiError, precision
+from minicai import MinicaiError, distributed, precision
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
 from minicai.ppo import (
     KL_HORIZON_BATCHES,
@@ -144,7 +144,7 @@ def load_prompt_set(path, tok, limit, max_tokens) -> list[tuple[str, list[int]]]
 
 def keep_iterations_before(file: Path, iteration: int) -> None:
     """On resume, drop log lines of iterations the checkpoint does not contain (they will be redone)."""
-    if file.exists():
+    if file.exists() and distributed.is_main():
         records = read_jsonl(file, tolerate_partial_last=True)
         write_jsonl(file, [r for r in records if r.get("iteration", -1) < iteration])
 
@@ -200,26 +200,33 @@ def main(argv=None) -> None:
         keep_iterations_before(out / "samples.jsonl", state.iteration)
         print(f"resumed from {last} (iteration {state.iteration}, beta {state.kl_ctl.beta:.4g})")
 
+    main = distributed.is_main()  # under torchrun: rank 0 writes files and shows the bar; the metrics are global
     bar = tqdm(range(state.iteration, args.iterations), initial=state.iteration, total=args.iterations,
-               desc="RL-CAI", dynamic_ncols=True)
+               desc="RL-CAI", dynamic_ncols=True, disable=not main)
     for it in bar:
         batch = mixed_prompt_batch(red, helpful, cfg.batch_size, args.red_team_fraction, it, args.seed)
         prompts = [text for _, (text, _) in batch]
         prompt_ids = [ids for _, (_, ids) in batch]
         ro, stats = ppo_iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids,
                                   pad_id=tok.pad_id, seed=args.seed)
+        local = [batch[i] for i in distributed.my_rows(len(batch))]  # this process's rows (all without torchrun)
         for source in ("red_team", "helpful"):
-            rows = [i for i, (s, _) in enumerate(batch) if s == source]
-            if rows:
-                stats[f"score_{source}"] = float(ro.scores[rows].mean())
+            rows = [i for i, (s, _) in enumerate(local) if s == source]
+            n = distributed.total(len(rows))
+            if n:
+                stats[f"score_{source}"] = distributed.total(float(ro.scores[rows].sum())) / n
+        if not main:
+            if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
+                distributed.barrier()  # rank 0 writes the checkpoint
+            continue
         if it == 0:
             exact = stats["ratio_first_maxdev"] == 0.0 and stats["kl_max_abs"] == 0.0
             tqdm.write(f"check before the first update: max |ratio - 1| = {stats['ratio_first_maxdev']:.3g}, "
                        f"max |log pi - log pi_ref| = {stats['kl_max_abs']:.3g}, sampler vs forward log-prob gap = "
                        f"{stats['sampler_logprob_maxdiff']:.2g}" + ("" if exact else "  (expected exactly 0!)"))
         log_metrics(out, stats)
-        for i in range(min(args.samples, len(batch))):
-            record = {"iteration": it, "source": batch[i][0], "prompt": prompts[i],
+        for i in range(min(args.samples, len(local))):
+            record = {"iteration": it, "source": local[i][0], "prompt": local[i][1][0],
                       "response": tok.decode(ro.responses[i]), "score": float(ro.scores[i]),
                       "finished": bool(ro.finished[i])}
             append_jsonl(out / "samples.jsonl", record)
@@ -229,9 +236,12 @@ def main(argv=None) -> None:
                         len=f"{stats['response_length']:.0f}", t=f"{stats['rollout_s']:.0f}+{stats['update_s']:.0f}s")
         if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
             save_checkpoint(checkpoints, state, tokenizer=tok)
+            distributed.barrier()
 
-    save_model(state.policy, tok, out / "model")
-    print(f"policy saved to {out / 'model'}")
+    if main:
+        save_model(state.policy, tok, out / "model")
+        print(f"policy saved to {out / 'model'}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

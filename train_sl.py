@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minicai import MinicaiError, precision, run
+from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
@@ -214,6 +214,9 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
                    config=asdict(cfg))
 
     # Save into a temporary folder, mark it done, then move it into place: model/ is complete or absent.
+    if not distributed.is_main():  # every process holds the same weights: rank 0 saves them
+        distributed.barrier()
+        return
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
     try:
         run.save_model(model, tok, tmp)
@@ -225,6 +228,7 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    distributed.barrier()
     print(f"train: {summary['steps']} steps, last loss {summary['last_loss']:.4f}, held-out losses "
           f"{[round(x, 4) for x in summary['heldout_losses']]} -> {model_dir}")
 
@@ -233,7 +237,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = run.setup(args)
     out = Path(args.out)
-    if args.force:
+    if args.force and distributed.is_main():
         doomed = []
         if args.only != "train":
             doomed += [out / "revisions.jsonl", out / "helpful.jsonl"]
@@ -246,6 +250,7 @@ def main(argv=None) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    distributed.barrier()
     out = run.start_run(args, out)
 
     cache = {}
@@ -259,8 +264,10 @@ def main(argv=None) -> None:
 
     get_model.cache = cache  # train_half drops a bf16/fp16 generation model before it loads float32 weights
 
-    if args.only != "train":
+    # Under torchrun rank 0 generates the data while the others wait; every process then trains on its share.
+    if args.only != "train" and distributed.is_main():
         generate_half(args, out, get_model)
+    distributed.barrier()
     if args.only != "generate":
         train_half(args, out, get_model, device, dtype)
 

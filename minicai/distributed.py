@@ -21,6 +21,7 @@ Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op o
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,9 @@ def setup(device: torch.device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # rank 0 alone generates the SL and PM data while the others wait at a barrier: allow it hours, not minutes
+    minutes = float(os.environ.get("MINICAI_DIST_TIMEOUT_MIN", "240"))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
     return device
 
 

@@ -121,3 +121,23 @@ def test_gpu_preset_flags_run_on_the_cpu_in_bf16(tmp_path, tiny_model_dir, capfd
     assert metrics[0]["kl_max_abs"] == 0.0 and metrics[0]["ratio_first_maxdev"] == 0.0
     assert json.loads((out / "rl" / "model" / "config.json").read_text())["torch_dtype"] == "float32"
     assert (out / "report" / "report.md").is_file()
+
+
+def test_pipeline_with_two_processes_per_training_stage_finishes_and_resumes(tmp_path, tiny_model_dir):
+    """--nproc-per-node 2: each training stage under torchrun with 2 gloo processes on the CPU; RL resumes."""
+    out = tmp_path / "runs"
+    base = ["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--threads", "1", "--device", "cpu",
+            "--nproc-per-node", "2", "--stages", "sl,pm,rl"]
+    log = pipeline.main(base)
+    assert [s["status"] for s in log["stages"]] == ["ran"] * 3
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in log["stages"][2]["command"]
+    for stage in ("sl", "pm"):
+        assert (out / stage / "model" / "done.json").is_file()
+    metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1]  # one line per iteration: only rank 0 writes
+    assert metrics[0]["kl_max_abs"] == 0.0 and metrics[0]["ratio_first_maxdev"] == 0.0
+    # resume: two more iterations start from the newest checkpoint
+    log = pipeline.main(base + ["--rl-args", "--iterations 4"])
+    assert [s["status"] for s in log["stages"]] == ["reused", "reused", "ran"]
+    metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
