@@ -222,6 +222,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
         raise MinicaiError("no SFT training examples (all revisions empty or longer than --max-len). "
                            "Fix: generate more revisions or raise --max-len.")
     log = log or (lambda rec: None)
+    progress = progress and distributed.is_main()  # under torchrun: rank 0 shows the bar and prints
     steps = total_steps(len(train), cfg)
     warm = warmup_steps(cfg.warmup, steps)
     decay, no_decay = [], []
@@ -243,7 +244,6 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
 
     eval_heldout(0, 0)
     stream = micro_batches(len(train), cfg)
-    progress = progress and distributed.is_main()
     bar = tqdm(total=steps, desc="sft", unit="step", dynamic_ncols=True, disable=not progress)
     loss_value = float("nan")
     for step in range(steps):
