@@ -356,11 +356,12 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
 
 
 def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0,
-             amp_dtype: torch.dtype | None = None) -> dict:
+             amp_dtype: torch.dtype | None = None, scalers: tuple | None = None) -> dict:
     """cfg.ppo_epochs passes of minibatch updates over the rollout; returns mean statistics.
 
     amp_dtype: the forward passes run under precision.autocast in this dtype (bf16/fp16; None: none), as the
-    rollout's did, so the first minibatch still recomputes the old log-probs bit for bit.
+    rollout's did, so the first minibatch still recomputes the old log-probs bit for bit. scalers: (policy, value)
+    precision.grad_scaler objects (fp16 loss scaling; default: made here, disabled unless amp_dtype is fp16).
 
     The first epoch takes the rows in order (its first minibatch is the rollout's first forward pass, so it
     recomputes the old log-probs bit for bit: ratio exactly 1); later epochs shuffle. Policy and value model are
@@ -373,6 +374,9 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
     # Under torchrun this process holds rows r, r + W, ... of the global batch (distributed.my_rows): each global
     # minibatch is split by that rule, its losses are token means over the GLOBAL minibatch, gradients are summed.
     W, r = distributed.world(), distributed.rank()
+    if scalers is None:
+        scalers = (precision.grad_scaler(ids.device, amp_dtype), precision.grad_scaler(ids.device, amp_dtype))
+    policy_scaler, value_scaler = scalers
     B_all = int(distributed.total(B)) if W > 1 else B
     g = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
@@ -388,11 +392,14 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             m = ro.response_mask[rows]
             share = distributed.token_share(float(m.sum()), distributed.total(m.sum())) if W > 1 else 1.0
             if len(rows) == 0:  # nothing of this minibatch here: add zero gradients to the others' sums
-                for opt, params in ((policy_opt, policy_params), (value_opt, value_params)):
+                for opt, params, scaler in ((policy_opt, policy_params, policy_scaler),
+                                            (value_opt, value_params, value_scaler)):
                     opt.zero_grad(set_to_none=True)
                     distributed.all_reduce_grads(params)
+                    scaler.unscale_(opt)
                     clip_grad_norm(params, cfg.max_grad_norm)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     opt.zero_grad(set_to_none=True)
                 continue
             # policy: clipped surrogate on whitened advantages
@@ -403,10 +410,12 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
                 ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
             policy_opt.zero_grad(set_to_none=True)
-            (pg_loss * share if W > 1 else pg_loss).backward()
+            policy_scaler.scale(pg_loss * share if W > 1 else pg_loss).backward()
             distributed.all_reduce_grads(policy_params)
+            policy_scaler.unscale_(policy_opt)
             pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
-            policy_opt.step()
+            policy_scaler.step(policy_opt)
+            policy_scaler.update()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
                 entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
@@ -416,10 +425,12 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
                 v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
             vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
             value_opt.zero_grad(set_to_none=True)
-            (vf_loss * share if W > 1 else vf_loss).backward()
+            value_scaler.scale(vf_loss * share if W > 1 else vf_loss).backward()
             distributed.all_reduce_grads(value_params)
+            value_scaler.unscale_(value_opt)
             vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
-            value_opt.step()
+            value_scaler.step(value_opt)
+            value_scaler.update()
             value_opt.zero_grad(set_to_none=True)
             step_stats = {
                 "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
@@ -515,6 +526,7 @@ class PPOState:
     kl_ctl: AdaptiveKLController | FixedKLController
     iteration: int = 0
     amp_dtype: torch.dtype | None = None  # bf16/fp16: every forward pass runs under autocast (precision.py)
+    scalers: tuple | None = None  # (policy, value) fp16 loss scalers (precision.grad_scaler; disabled otherwise)
 
 
 def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.dtype | None = None) -> PPOState:
@@ -533,8 +545,10 @@ def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay, fused=True)
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
                                   fused=True)
-    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg),
-                    amp_dtype=precision.amp_dtype(amp_dtype) if amp_dtype is not None else None)
+    amp = precision.amp_dtype(amp_dtype) if amp_dtype is not None else None
+    scalers = (precision.grad_scaler(policy.device, amp), precision.grad_scaler(policy.device, amp))
+    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg), amp_dtype=amp,
+                    scalers=scalers)
 
 
 def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
@@ -559,7 +573,8 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
     stats = {"iteration": it, **rollout_stats(ro)}
     t1 = time.perf_counter()
     stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
-                          seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype))
+                          seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype,
+                          scalers=state.scalers))
     state.kl_ctl.update(stats["kl"], n_steps=n_all)  # the global mean KL over the global batch
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0
@@ -584,9 +599,10 @@ def save_checkpoint(directory, state: PPOState, tokenizer=None, keep: int = 1) -
     if tokenizer is not None:
         tokenizer.save(tmp / "policy")
     state.value_model.save_pretrained(tmp / "value")
+    scalers = [s.state_dict() for s in state.scalers] if state.scalers and state.scalers[0].is_enabled() else None
     torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta,
-                "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict()},
-               tmp / "trainer_state.pt")
+                "policy_opt": state.policy_opt.state_dict(), "value_opt": state.value_opt.state_dict(),
+                "scalers": scalers}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -622,6 +638,9 @@ def load_checkpoint(path, state: PPOState) -> PPOState:
         state.value_model.load_state_dict(value.state_dict())
     state.policy_opt.load_state_dict(trainer["policy_opt"])
     state.value_opt.load_state_dict(trainer["value_opt"])
+    if trainer.get("scalers") and state.scalers:  # fp16 runs: the loss scale too
+        for scaler, saved in zip(state.scalers, trainer["scalers"]):
+            scaler.load_state_dict(saved)
     state.kl_ctl.beta = float(trainer["beta"])
     state.iteration = int(trainer["iteration"])
     return state

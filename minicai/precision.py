@@ -12,7 +12,8 @@
   KL is exactly 0 at iteration 0.
 
 fp32 and fp64 runs use no autocast at all. `autocast` below runs the same torch.autocast on the CPU as on CUDA, so
-the CPU (which has bf16 matrix products) tests the GPU's code path. fp16 gets no loss scaling here: prefer bf16.
+the CPU (which has bf16 matrix products) tests the GPU's code path. fp16 (for GPUs without bf16) also scales the
+loss (`grad_scaler`): its narrow exponent range would flush small gradients to 0; bf16 has float32's range.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     if device_type == "cpu":
         return _cpu_autocast(dtype)
     return torch.autocast(device_type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device | str, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 runs (Micikevicius et al. 2018): the loss is multiplied by a large factor before
+    the backward pass and the gradients divided by it before clipping; a step with inf/nan gradients is skipped and
+    the factor halved. Disabled (every call a no-op, bit for bit) for any other dtype. Use: scaler.scale(loss)
+    .backward(); scaler.unscale_(opt); clip; scaler.step(opt); scaler.update()."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
 
 
 def check_trainable(model: torch.nn.Module, what: str) -> None:

@@ -235,6 +235,7 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
     base_lrs = [config.head_lr if config.head_lr is not None else config.lr, config.lr]
     optimizer = torch.optim.AdamW([{"params": head, "lr": base_lrs[0]}, {"params": trunk, "lr": base_lrs[1]}],
                                   weight_decay=config.weight_decay)
+    scaler = precision.grad_scaler(rm.device, amp_dtype)  # fp16 only: loss scaling
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(records) / config.batch_size)
     history, step = [], 0
@@ -254,15 +255,17 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
                     r_a, r_b = pair_scores(rm, tok, batch, config.max_len)
                 p_a = torch.tensor([r["p_a"] for r in batch], dtype=torch.float32, device=r_a.device)
                 loss = bradley_terry_loss(r_a, r_b, p_a)
-                (loss * (len(batch) / n_all) if distributed.active() else loss).backward()
+                scaler.scale(loss * (len(batch) / n_all) if distributed.active() else loss).backward()
                 loss_value = float(loss.detach()) * len(batch)
                 decided = float((p_a != 0.5).sum())  # accuracy leaves out pairs without a preference
                 correct = preference_accuracy(r_a.detach(), r_b.detach(), p_a) * decided if decided else 0.0
             else:
                 loss_value = correct = decided = 0.0
             distributed.all_reduce_grads(params)
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             metrics = {"step": step, "epoch": epoch, "loss": distributed.total(loss_value) / n_all, "lr": lr,
                        "accuracy": (distributed.total(correct) / distributed.total(decided)

@@ -232,6 +232,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     heldout_losses = []
+    scaler = precision.grad_scaler(model.device, amp_dtype)  # fp16 only: loss scaling
 
     def eval_heldout(step: int, epoch: int):
         if heldout:
@@ -266,12 +267,14 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             with precision.autocast(model.device, amp_dtype):
                 logits = model(b["input_ids"], b["attention_mask"])  # [B, T, V]
             loss = sft_loss(logits, b["input_ids"], b["loss_mask"])
-            (loss * (n / n_target)).backward()
+            scaler.scale(loss * (n / n_target)).backward()
             loss_sum += float(loss.detach()) * n
         distributed.all_reduce_grads([p for p in model.parameters() if p.requires_grad])
         loss_sum = distributed.total(loss_sum)
+        scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens = int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches)))

@@ -64,6 +64,26 @@ def test_the_rule():
     precision.check_trainable(model, "a frozen model")  # frozen networks may stay in bf16
 
 
+def test_fp16_scales_the_loss_and_other_dtypes_do_not():
+    """fp16's smallest normal number is 6e-5: gradients below it flush to 0 unless the loss is scaled up first."""
+    assert precision.grad_scaler("cpu", torch.float16).is_enabled()
+    for dtype in (torch.bfloat16, torch.float32, None):
+        scaler = precision.grad_scaler("cpu", dtype)
+        loss = torch.tensor(0.25)
+        assert not scaler.is_enabled() and scaler.scale(loss) is loss
+    w = torch.nn.Parameter(torch.ones(4))
+    x = torch.full((4,), 1e-4)
+    for enabled in (False, True):  # a gradient of 1e-4 * 1e-4 = 1e-8 per entry, computed in fp16
+        w.grad = None
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        opt = torch.optim.SGD([w], lr=0.0)
+        with precision.autocast("cpu", torch.float16):
+            y = torch.nn.functional.linear(x[None], w[None])  # fp16 product
+        scaler.scale(y.float().sum() * 1e-4).backward()
+        scaler.unscale_(opt)
+        assert (w.grad != 0).all() == enabled
+
+
 def test_autocast_on_the_cpu_computes_in_bf16_and_keeps_weights_float32():
     model = random_model(tiny_config(), seed=0)
     ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -126,8 +146,10 @@ def test_ratio_one_and_kl_zero_before_the_first_update_under_autocast(shared):
         ppo.check_sampler_logprobs(ro, torch.bfloat16, cfg.logprob_tol)
 
 
-def test_ppo_learns_a_programmatic_reward_in_bf16():
-    """tests/test_ppo.py's learning test, with float32 weights under bf16 autocast: the reward rises as in fp32."""
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ppo_learns_a_programmatic_reward_in_bf16_and_fp16(amp):
+    """tests/test_ppo.py's learning test, with float32 weights under bf16 (or fp16, with loss scaling) autocast: the
+    reward rises as in fp32."""
     import test_ppo
 
     vocab, target, iterations = 32, 7, 40
@@ -135,7 +157,8 @@ def test_ppo_learns_a_programmatic_reward_in_bf16():
     value = RewardModel.from_lm(copy.deepcopy(policy), head_init="zero")
     cfg = ppo.PPOConfig(batch_size=16, max_new_tokens=8, ppo_epochs=4, minibatch_size=8, policy_lr=3e-3,
                         value_lr=3e-3, kl_coef=0.3, kl_target=6.0, kl_horizon=32)
-    state = ppo.init_state(policy, ref, value, cfg, amp_dtype=torch.bfloat16)
+    state = ppo.init_state(policy, ref, value, cfg, amp_dtype=amp)
+    assert [s.is_enabled() for s in state.scalers] == [amp == torch.float16] * 2
     g = torch.Generator().manual_seed(0)
     pool = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (64,), generator=g)]
     history = []
@@ -151,6 +174,8 @@ def test_ppo_learns_a_programmatic_reward_in_bf16():
     assert history[0]["kl"] == 0.0
     assert sum(h["kl"] for h in history[-10:]) / 10 < 2 * cfg.kl_target
     assert state.policy.dtype == torch.float32
+    if amp == torch.float16:  # the loss scale is part of the training state (checkpoints keep it)
+        assert all(s.get_scale() > 1 for s in state.scalers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
