@@ -223,7 +223,9 @@ def main(argv=None) -> None:
             exact = stats["ratio_first_maxdev"] == 0.0 and stats["kl_max_abs"] == 0.0
             tqdm.write(f"check before the first update: max |ratio - 1| = {stats['ratio_first_maxdev']:.3g}, "
                        f"max |log pi - log pi_ref| = {stats['kl_max_abs']:.3g}, sampler vs forward log-prob gap = "
-                       f"{stats['sampler_logprob_maxdiff']:.2g}" + ("" if exact else "  (expected exactly 0!)"))
+                       f"{stats['sampler_logprob_maxdiff']:.2g} (allowed in {str(state.amp_dtype or dtype)[6:]}: "
+                       f"{precision.logprob_tolerance(state.amp_dtype or dtype, cfg.logprob_tol):g})"
+                       + ("" if exact else "  (expected exactly 0!)"))
         log_metrics(out, stats)
         for i in range(min(args.samples, len(local))):
             record = {"iteration": it, "source": local[i][0], "prompt": local[i][1][0],

@@ -76,21 +76,24 @@ def my_rows(n: int) -> list[int]:
     return list(range(rank(), n, world()))
 
 
-def all_sum(t: Tensor) -> Tensor:
-    """The sum over processes (a new tensor; `t` itself when there is one process)."""
+def _reduce(t: Tensor, op) -> Tensor:
+    """all_reduce of a copy of t; NCCL reduces GPU tensors only, so a CPU tensor travels through this process's GPU."""
     if not active():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    wire = t.to(torch.device("cuda", torch.cuda.current_device()), copy=True) if (
+        dist.get_backend() == "nccl" and t.device.type != "cuda") else t.clone()
+    dist.all_reduce(wire, op=op)
+    return wire.to(t.device)
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """The sum over processes (a new tensor; `t` itself when there is one process)."""
+    return _reduce(t, dist.ReduceOp.SUM)
 
 
 def all_max(t: Tensor) -> Tensor:
-    if not active():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    """The maximum over processes (a new tensor; `t` itself when there is one process)."""
+    return _reduce(t, dist.ReduceOp.MAX)
 
 
 def total(x: float | int, device=None) -> float:
