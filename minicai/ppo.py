@@ -384,7 +384,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
     ratio_first_maxdev = float("nan")
     for epoch in range(cfg.ppo_epochs):
         order = torch.arange(B_all) if epoch == 0 else torch.randperm(B_all, generator=g)
-        for chunk in _chunks(B_all, cfg.minibatch_size):
+        for k, chunk in enumerate(_chunks(B_all, cfg.minibatch_size)):
             rows = order[chunk]
             if W > 1:
                 rows = torch.tensor([int(i) // W for i in rows if int(i) % W == r], dtype=torch.long)
@@ -406,7 +406,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             with precision.autocast(ids.device, amp_dtype):
                 logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
             pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
-            if steps == 0:  # before any update in this iteration: must be exactly 0
+            if epoch == 0 and k == 0:  # before any update in this iteration: must be exactly 0
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
                 ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
             policy_opt.zero_grad(set_to_none=True)
@@ -445,7 +445,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
     stats["ratio_first_maxdev"] = ratio_first_maxdev
     if W > 1:  # the mean over processes of each process's mean; the largest deviation of any process
         stats = {k: distributed.mean(torch.tensor([v])) for k, v in stats.items()}
-        stats["ratio_first_maxdev"] = float(distributed.all_max(torch.tensor(ratio_first_maxdev)))
+        no_rows = ratio_first_maxdev != ratio_first_maxdev  # nan: none of the first minibatch's rows is here
+        stats["ratio_first_maxdev"] = float(distributed.all_max(torch.tensor(0.0 if no_rows else ratio_first_maxdev)))
     return stats
 
 
@@ -560,6 +561,9 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
     it = state.iteration
     t0 = time.perf_counter()
     n_all, first, sample_seed = len(prompt_ids), None, derive_seed(seed, it, STREAM_SAMPLING)
+    if distributed.world() > n_all:
+        raise MinicaiError(f"a batch of {n_all} prompts cannot be shared by {distributed.world()} processes. Fix: "
+                           "raise --batch-size to at least the number of processes (torchrun --nproc_per_node)")
     if distributed.active():  # this process's rows of the global batch; its share of the first minibatch goes first
         mine = distributed.my_rows(n_all)
         prompt_ids, prompts = [prompt_ids[i] for i in mine], [prompts[i] for i in mine]
