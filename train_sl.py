@@ -195,12 +195,11 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
         print(f"train: no helpful answers ({helpful_path} not found); training on revisions only")
     items = revision_pairs(records, args.revisions) + helpful_pairs(helpful_records)
 
-    model, tok, path = get_model()
-    if precision.weight_dtype(dtype) != dtype:  # the generation model is bf16/fp16: train float32 weights instead
-        from minicai.model import Transformer
-
+    if precision.weight_dtype(dtype) == dtype:
+        model, tok, path = get_model()
+    else:  # a bf16/fp16 run trains float32 weights (minicai/precision.py); the generation model is dropped
         get_model.cache.clear()
-        model = Transformer.from_pretrained(path, dtype=precision.weight_dtype(dtype), device=device)
+        model, tok, path = run.load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype))
     examples, dropped = build_examples(tok, items, args.max_len)
     train, heldout = split_heldout(examples, args.heldout, args.seed)
     n_rev = sum(e.source == "revision" for e in examples)
