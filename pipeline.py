@@ -3,6 +3,7 @@
     python3 pipeline.py                      # CPU-sized run on the default model (SmolLM2-135M-Instruct)
     python3 pipeline.py --preset gpu --model models/qwen2.5-1.5b-instruct --device cuda
     python3 pipeline.py --tiny --model DIR   # seconds: a smoke test of every stage (used by tests/test_pipeline.py)
+    python3 pipeline.py --preset gpu --model DIR --nproc-per-node 4   # each training stage on 4 GPUs (torchrun)
 
 Stages, each a script run as a subprocess with this same Python (so one stage's memory is freed before the next):
 
@@ -94,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{stage}-args", default="", metavar="FLAGS",
                        help=f"extra flags for the {stage} stage as one quoted string, e.g. --{stage}-args='--seed 1' "
                             "(appended after the preset's, so they win)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes per training stage (sl, pm, rl), started with torchrun: one per GPU, or per group "
+                        "of CPU cores (gloo); the data generation runs in the first process (default: 1, no torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
     args = p.parse_args(argv)
     if args.tiny:
@@ -103,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not stages:
         p.error(f"--stages {args.stages}: choose from {','.join(STAGES)}")
     args.stages = [s for s in STAGES if s in stages]
+    if args.nproc_per_node < 1:
+        p.error("--nproc-per-node must be >= 1")
     return args
 
 
@@ -146,7 +152,14 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
     return wiring + common_flags(args) + preset + extra
 
 
-def run_stage(stage: str, argv: list[str]) -> None:
+def launcher(nproc: int) -> list[str]:
+    """How a training stage is started: this Python, or torchrun (torch.distributed.run) with nproc processes."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def run_stage(stage: str, argv: list[str], nproc: int = 1) -> None:
     from minicai import MinicaiError
 
     if stage == "eval":
@@ -154,7 +167,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
 
         compare_main(argv)
         return
-    cmd = [sys.executable, str(REPO / SCRIPTS[stage])] + argv
+    cmd = launcher(nproc) + [str(REPO / SCRIPTS[stage])] + argv
     rc = subprocess.call(cmd)
     if rc != 0:
         raise MinicaiError(f"stage {stage} ({SCRIPTS[stage]}) failed with exit status {rc}; its messages are above. "
@@ -185,7 +198,8 @@ def main(argv=None) -> dict:
     t_all = time.time()
     for stage in args.stages:
         argv_stage = stage_argv(stage, args, model, out)
-        shown = ("python -m minicai.compare" if stage == "eval" else f"{sys.executable} {SCRIPTS[stage]}")
+        shown = ("python -m minicai.compare" if stage == "eval" else
+                 f"{shlex.join(launcher(args.nproc_per_node))} {SCRIPTS[stage]}")
         line = f"{shown} {shlex.join(argv_stage)}"
         if stage_done(stage, out):
             print(f"== {stage}: finished ({out / stage / 'model' / 'done.json'}); reusing it")
@@ -196,7 +210,7 @@ def main(argv=None) -> dict:
             log["stages"].append({"stage": stage, "status": "dry-run", "command": line})
             continue
         t0 = time.time()
-        run_stage(stage, argv_stage)
+        run_stage(stage, argv_stage, args.nproc_per_node)
         log["stages"].append({"stage": stage, "status": "ran", "command": line,
                               "seconds": round(time.time() - t0, 1)})
         atomic_write_json(out / "pipeline.json", log)

@@ -8,8 +8,9 @@ Three steps, each resumable from the file it writes, all on by default:
           under a comparison principle drawn from the constitution; p(A) = softmax over the log-probs of " (A)" and
           " (B)" (minicai/feedback.py), by default averaged over both orders of the options -> labels.jsonl
   train   a preference model (the SL-CAI model + a scalar head, minicai/reward.py) learns the soft labels with the
-          Bradley-Terry loss, is evaluated on held-out pairs (accuracy, margin, calibration), shifted so its mean
-          score on the policy's samples is 0, and saved -> model/ (HF layout + reward_head.safetensors), summary.json
+          Bradley-Terry loss, is evaluated on held-out pairs (accuracy, margin, calibration), normalised to mean 0
+          and standard deviation 1 on the policy's held-out samples, and saved -> model/ (HF layout +
+          reward_head.safetensors), summary.json
 
     python train_pm.py                                  # CPU-sized defaults: 96 prompts, about 10 minutes on 2 cores
     python train_pm.py --policy runs/sl/model --num-red-team 8 --num-helpful 4    # a quick look
@@ -33,15 +34,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from minicai import MinicaiError, run
+from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
 from minicai.data import append_jsonl, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
-from minicai.reward import PMTrainConfig, RewardModel, evaluate_preference_model, train_preference_model
+from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
+                            train_preference_model)
 from minicai.sampling import generate, response_ids
 
 DEFAULT_POLICY = Path("runs/sl/model")
@@ -130,8 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max tokens per conversation; longer ones lose their start (default: 256)")
     g.add_argument("--eval-pairs", type=int, default=16, help="labelled pairs held out for evaluation (default: 16)")
     g.add_argument("--no-normalize", action="store_true",
-                   help="keep raw scores; by default an offset is stored so the PM's mean score on the policy's "
-                        "held-out samples is 0 (the RL stage then starts near reward 0)")
+                   help="keep raw scores; by default an offset and a scale are stored so the PM's scores of the "
+                        "policy's held-out samples have mean 0 and standard deviation 1 (the RL stage then starts "
+                        "near reward 0, and --kl-coef means the same for every PM)")
     args = p.parse_args(argv)
     for name in ("num_red_team", "num_helpful", "fewshot_count", "cot_fewshot_count", "eval_pairs", "pm_warmup"):
         if getattr(args, name) < 0:
@@ -305,7 +307,7 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
         raise MinicaiError("no labelled pairs to train on (fix: label some pairs first, or raise the prompt counts)")
     cfg = PMTrainConfig(epochs=args.pm_epochs, batch_size=args.pm_batch_size, lr=args.pm_lr, head_lr=args.pm_head_lr,
                         warmup_steps=args.pm_warmup, max_len=args.pm_max_len, seed=args.seed)
-    train_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    train_dtype, amp = precision.weight_dtype(dtype), precision.amp_dtype(dtype)  # fp32 weights, autocast
     if (model_dir / "done.json").is_file() and not args.force:
         print(f"train: {model_dir} is finished (done.json); reusing it. Pass --force to train again.")
         rm = RewardModel.from_pretrained(model_dir, dtype=dtype, device=device, fast=not args.no_fast)
@@ -315,34 +317,33 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
         init = Path(args.pm_init) if args.pm_init else policy_path
         lm, tok = load(init, device, train_dtype, fast=not args.no_fast)  # fp32 weights; bf16/fp16: autocast
         rm = RewardModel.from_lm(lm, head_init=args.head_init, seed=args.seed)
-        amp = dtype if dtype != train_dtype else None
         steps = args.pm_epochs * -(-len(train) // args.pm_batch_size)
         print(f"train: PM from {init} on {len(train)} pairs ({steps} steps), {len(held_out)} held out")
-        bar = tqdm(total=steps, desc="pm", unit="step")
+        bar = tqdm(total=steps, desc="pm", unit="step", disable=not distributed.is_main())
 
         def on_step(m):
             run.log_metrics(out, {"stage": "pm", **m})
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}")
 
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            history = train_preference_model(rm, tok, train, cfg, on_step=on_step)
+        history = train_preference_model(rm, tok, train, cfg, on_step=on_step, amp_dtype=amp)
         bar.close()
-    amp_eval = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    with torch.autocast(device.type, dtype=amp_eval, enabled=amp_eval is not None):
+    with precision.autocast(device, amp):
         metrics = evaluate_preference_model(rm, tok, held_out, batch_size=args.pm_batch_size,
                                             max_len=args.pm_max_len) if held_out else {"n": 0}
     scores = metrics.pop("r_a", []) + metrics.pop("r_b", [])
-    if history:  # a fresh model: set the mean-0 offset on the policy's held-out samples, then save
-        if scores and not args.no_normalize:
-            rm.offset = sum(scores) / len(scores)  # scores were computed with offset 0
-        save_pm(rm, tok, model_dir, {"config": asdict(cfg), "train_pairs": len(train), "steps": len(history)})
-    metrics["offset"] = rm.offset
+    if history:  # a fresh model: normalise on the policy's held-out samples (scored with offset 0, scale 1), save
+        if not args.no_normalize:
+            normalize_scores(rm, scores)
+        if distributed.is_main():  # every process holds the same weights: rank 0 saves them
+            save_pm(rm, tok, model_dir, {"config": asdict(cfg), "train_pairs": len(train), "steps": len(history)})
+        distributed.barrier()
+    metrics["offset"], metrics["scale"] = rm.offset, rm.scale
     run.log_metrics(out, {"stage": "pm_eval", **{k: v for k, v in metrics.items() if k != "calibration"}})
     if held_out:
         print(f"  held-out: accuracy {metrics['accuracy']:.3f} (ties wrong), mean margin {metrics['mean_margin']:.3f}, "
               f"loss {metrics['loss']:.3f}, calibration error {metrics['calibration_error']:.3f}, "
-              f"offset {rm.offset:.3f} -> {model_dir}")
+              f"offset {rm.offset:.3f}, scale {rm.scale:.3f} -> {model_dir}")
         for row in metrics["calibration"]:
             print(f"    predicted p(A) in [{row['bin'][0]:.1f}, {row['bin'][1]:.1f}): n={row['count']:3d} "
                   f"mean predicted {row['predicted']:.3f}  mean label {row['label']:.3f}")
@@ -375,7 +376,7 @@ def main(argv=None) -> None:
     device, dtype = run.setup(args)
     out = Path(args.out)
     steps = ("pairs", "label", "train") if args.only is None else (args.only,)
-    if args.force:
+    if args.force and distributed.is_main():
         doomed = {"pairs": ["pairs.jsonl", "labels.jsonl"], "label": ["labels.jsonl"], "train": ["model"]}
         for step in steps:
             for name in doomed[step]:
@@ -385,11 +386,13 @@ def main(argv=None) -> None:
                 elif target.exists():
                     target.unlink()
     policy_path = resolve_policy(args) if ("pairs" in steps or ("train" in steps and not args.pm_init)) else None
+    distributed.barrier()
     out = run.start_run(args, out)
     t0 = time.perf_counter()
     timings = {}
     if "pairs" in steps:
-        pairs = make_pairs(args, out, policy_path, device, dtype)
+        # under torchrun rank 0 samples (and below labels) while the others wait, then they read its files
+        pairs = run.main_first(lambda: make_pairs(args, out, policy_path, device, dtype))
     else:
         pairs = read_jsonl(out / "pairs.jsonl", tolerate_partial_last=True) if (out / "pairs.jsonl").is_file() else []
         if not pairs and "label" in steps:
@@ -397,7 +400,7 @@ def main(argv=None) -> None:
                                f"--only pairs --out {out})")
     timings["pairs"] = round(time.perf_counter() - t0, 1)
     if "label" in steps:
-        labels = make_labels(args, out, pairs, device, dtype)
+        labels = run.main_first(lambda: make_labels(args, out, pairs, device, dtype))
     else:
         labels = read_jsonl(out / "labels.jsonl", tolerate_partial_last=True) if (
             out / "labels.jsonl").is_file() else []
@@ -417,7 +420,8 @@ def main(argv=None) -> None:
         summary["pm"] = train_pm(args, out, labels, policy_path, device, dtype)
         timings["train"] = round(time.perf_counter() - t0 - timings["pairs"] - timings["labels"], 1)
     summary["seconds"] = {**summary.get("seconds", {}), **timings}
-    run.atomic_write_json(out / "summary.json", summary)
+    if distributed.is_main():
+        run.atomic_write_json(out / "summary.json", summary)
     print(f"summary -> {out / 'summary.json'} ({time.perf_counter() - t0:.0f}s)")
 
 

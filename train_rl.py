@@ -30,10 +30,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicai import MinicaiError
+from minicai import MinicaiError, distributed, precision
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
 from minicai.losses import AGG_MODES, GROUP_SCALES
 from minicai.ppo import (
+    KL_HORIZON_BATCHES,
     PPOConfig,
     group_iteration,
     init_state,
@@ -115,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(Dr. GRPO) (default: std for grpo, none for rloo)")
     g.add_argument("--kl-in", default=DEFAULTS.kl_in, choices=["reward", "loss"],
                    help="reward: -beta * KL_t in the reward, R = score - beta * sum KL (the paper, PPO); loss: "
-                        "beta * k3 per token in the loss and R = score (GRPO, Shao et al. eq. 3; --kl-estimator applies to "
-                        "the reward only)" + D)
+                        "beta * k3 per token in the loss and R = score (GRPO, Shao et al. eq. 3; --kl-estimator "
+                        "applies to the reward only)" + D)
     g.add_argument("--loss-agg", default=DEFAULTS.loss_agg, choices=list(AGG_MODES),
                    help="how per-token losses become the minibatch's loss. token-mean: every token weighs the same. "
                         "seq-mean-token-mean (GRPO as published): each response's token mean, so a token of a "
@@ -133,15 +134,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kl-coef", type=float, default=DEFAULTS.kl_coef, help="initial beta" + D)
     g.add_argument("--kl-target", type=float, default=DEFAULTS.kl_target,
                    help="target KL per response (nats) of the adaptive controller; 0 keeps beta fixed" + D)
-    g.add_argument("--kl-horizon", type=float, default=DEFAULTS.kl_horizon,
-                   help="episodes over which the adaptive controller closes the gap to the target" + D)
+    g.add_argument("--kl-horizon", type=float, default=None,
+                   help="episodes over which the adaptive controller closes the gap to the target (default: "
+                        f"{KL_HORIZON_BATCHES} batches, i.e. {KL_HORIZON_BATCHES} x --batch-size; Ziegler et al.: "
+                        "10000 at batch 512)")
     g.add_argument("--kl-estimator", default=DEFAULTS.kl_estimator, choices=["k1", "abs", "k2", "k3"],
                    help="per-token KL estimator (k1 = log pi/pi_ref, as Ziegler et al.)" + D)
     g.add_argument("--truncation-penalty", type=float, default=DEFAULTS.truncation_penalty,
                    help="added to the score of responses that hit --max-new-tokens without a stop token, "
                         "e.g. -1; 0 = off" + D)
     g.add_argument("--logprob-tol", type=float, default=DEFAULTS.logprob_tol,
-                   help="max allowed |sampler log-prob - forward log-prob| in float32 (a consistency check)" + D)
+                   help="max allowed |sampler log-prob - forward log-prob| in float32 (a consistency check; bf16 and "
+                        "fp16 runs allow their rounding, minicai/precision.py)" + D)
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--save-every", type=int, default=10,
@@ -178,7 +182,7 @@ def load_prompt_set(path, tok, limit, max_tokens) -> list[tuple[str, list[int]]]
 
 def keep_iterations_before(file: Path, iteration: int) -> None:
     """On resume, drop log lines of iterations the checkpoint does not contain (they will be redone)."""
-    if file.exists():
+    if file.exists() and distributed.is_main():
         records = read_jsonl(file, tolerate_partial_last=True)
         write_jsonl(file, [r for r in records if r.get("iteration", -1) < iteration])
 
@@ -201,18 +205,22 @@ def main(argv=None) -> None:
     if args.model not in (None, "default") and not Path(args.model).is_dir():
         raise MinicaiError(f"--model {args.model}: not found. Fix: run train_sl.py first (it writes runs/sl/model), "
                            "or pass --model DIR / --model default")
-    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, dtype, fast=not args.no_fast)
+    # Mixed precision (minicai/precision.py): policy, reference and value model hold float32 weights (the reference
+    # takes exactly the policy's passes: KL exactly 0 at iteration 0); a bf16/fp16 run computes under autocast.
+    policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype),
+                                                       fast=not args.no_fast)
     ref_model = copy.deepcopy(policy)
     # The preference model's score is the reward. It reads responses as text, in its own chat template.
     if not Path(args.pm).is_dir():
         raise MinicaiError(f"--pm {args.pm}: not found. Fix: run train_pm.py first (it writes runs/pm/model), "
                            "or pass --pm DIR")
-    pm, pm_tok = load_reward_model(args.pm, dtype=dtype, device=device, fast=not args.no_fast)
+    pm, pm_tok = load_reward_model(args.pm, dtype=precision.weight_dtype(dtype), device=device, fast=not args.no_fast)
     pm.requires_grad_(False).eval()
     grouped = cfg.advantage != "gae"  # GRPO / RLOO: no value model
     value_model, value_init = (None, f"none ({cfg.advantage}: group baseline)") if grouped else \
-        make_value_model(policy, tok, pm, pm_tok)
-    state = init_state(policy, ref_model, value_model, cfg)
+        make_value_model(policy, tok, pm, pm_tok)  # a float32 copy, trained
+    pm.trunk.to(dtype)  # the PM only scores: it may stay in the run's dtype (its head stays float32)
+    state = init_state(policy, ref_model, value_model, cfg, amp_dtype=precision.amp_dtype(dtype))
     reward_fn = functools.partial(score_with_pm, pm, pm_tok, tok, batch_size=args.pm_batch_size)
     print(f"policy and reference: {policy_dir}; preference model: {args.pm}; value model: {value_init}")
 
@@ -233,8 +241,9 @@ def main(argv=None) -> None:
         keep_iterations_before(out / "samples.jsonl", state.iteration)
         print(f"resumed from {last} (iteration {state.iteration}, beta {state.kl_ctl.beta:.4g})")
 
+    main = distributed.is_main()  # under torchrun: rank 0 writes files and shows the bar; the metrics are global
     bar = tqdm(range(state.iteration, args.iterations), initial=state.iteration, total=args.iterations,
-               desc="RL-CAI", dynamic_ncols=True)
+               desc="RL-CAI", dynamic_ncols=True, disable=not main)
     G = cfg.group_size if grouped else 1
     iteration = group_iteration if grouped else ppo_iteration
     for it in bar:
@@ -244,19 +253,26 @@ def main(argv=None) -> None:
         ro, stats = iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                               seed=args.seed)
         batch = [item for item in batch for _ in range(G)]  # one per rollout row: row i answers prompt i // G
-        prompts = [text for _, (text, _) in batch]
+        local = [batch[i] for i in distributed.my_rows(len(batch))]  # this process's rows (all without torchrun)
         for source in ("red_team", "helpful"):
-            rows = [i for i, (s, _) in enumerate(batch) if s == source]
-            if rows:
-                stats[f"score_{source}"] = float(ro.scores[rows].mean())
+            rows = [i for i, (s, _) in enumerate(local) if s == source]
+            n = distributed.total(len(rows))
+            if n:
+                stats[f"score_{source}"] = distributed.total(float(ro.scores[rows].sum())) / n
+        if not main:
+            if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
+                distributed.barrier()  # rank 0 writes the checkpoint
+            continue
         if it == 0:
             exact = stats["ratio_first_maxdev"] == 0.0 and stats["kl_max_abs"] == 0.0
             tqdm.write(f"check before the first update: max |ratio - 1| = {stats['ratio_first_maxdev']:.3g}, "
                        f"max |log pi - log pi_ref| = {stats['kl_max_abs']:.3g}, sampler vs forward log-prob gap = "
-                       f"{stats['sampler_logprob_maxdiff']:.2g}" + ("" if exact else "  (expected exactly 0!)"))
+                       f"{stats['sampler_logprob_maxdiff']:.2g} (allowed in {str(state.amp_dtype or dtype)[6:]}: "
+                       f"{precision.logprob_tolerance(state.amp_dtype or dtype, cfg.logprob_tol):g})"
+                       + ("" if exact else "  (expected exactly 0!)"))
         log_metrics(out, stats)
-        for i in range(min(args.samples, len(batch))):
-            record = {"iteration": it, "source": batch[i][0], "prompt": prompts[i],
+        for i in range(min(args.samples, len(local))):
+            record = {"iteration": it, "source": local[i][0], "prompt": local[i][1][0],
                       "response": tok.decode(ro.responses[i]), "score": float(ro.scores[i]),
                       "finished": bool(ro.finished[i])}
             append_jsonl(out / "samples.jsonl", record)
@@ -266,9 +282,12 @@ def main(argv=None) -> None:
                         len=f"{stats['response_length']:.0f}", t=f"{stats['rollout_s']:.0f}+{stats['update_s']:.0f}s")
         if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
             save_checkpoint(checkpoints, state, tokenizer=tok)
+            distributed.barrier()
 
-    save_model(state.policy, tok, out / "model")
-    print(f"policy saved to {out / 'model'}")
+    if main:
+        save_model(state.policy, tok, out / "model")
+        print(f"policy saved to {out / 'model'}")
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minicai import MinicaiError, run
+from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
@@ -41,7 +41,8 @@ suggested GPU setting (one large GPU): all 240 project red-team prompts, the pap
       --gen-batch-size 64 --response-tokens 192 --critique-tokens 128 --revision-tokens 192 \\
       --epochs 2 --batch-size 16 --max-len 512
   more prompts: --red-team FILE.jsonl.gz (HH-RLHF transcripts: the first Human turn is the prompt)
-  bf16 on cuda: generation runs in bf16; fine-tuning keeps fp32 weights under bf16 autocast.
+  bf16 (the default on cuda): generation runs in bf16; fine-tuning keeps fp32 weights and runs the forward and
+  backward passes under bf16 autocast (minicai/precision.py).
 
 outputs (in --out): args.json, revisions.jsonl, helpful.jsonl, metrics.jsonl, model/ (config.json,
 model.safetensors, tokenizer files, done.json). A rerun resumes the generation where it stopped and reuses a
@@ -194,13 +195,12 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
         print(f"train: no helpful answers ({helpful_path} not found); training on revisions only")
     items = revision_pairs(records, args.revisions) + helpful_pairs(helpful_records)
 
-    model, tok, path = get_model()
-    amp_dtype = None
-    if dtype in (torch.bfloat16, torch.float16):
-        # Low-precision weights would round AdamW's small updates away: train fp32 weights under autocast.
-        from minicai.model import Transformer
-        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device, fast=not args.no_fast)
-        amp_dtype = dtype
+    if precision.weight_dtype(dtype) == dtype:
+        model, tok, path = get_model()
+    else:  # a bf16/fp16 run trains float32 weights (minicai/precision.py); the generation model is dropped
+        get_model.cache.clear()
+        model, tok, path = run.load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype),
+                                                        fast=not args.no_fast)
     examples, dropped = build_examples(tok, items, args.max_len)
     train, heldout = split_heldout(examples, args.heldout, args.seed)
     n_rev = sum(e.source == "revision" for e in examples)
@@ -208,12 +208,15 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
           f"than --max-len), {len(train)} train / {len(heldout)} held out")
     cfg = sft_config_from(args)
     summary = train_sft(model, train, heldout, cfg, tok.pad_id, log=lambda rec: run.log_metrics(out, rec),
-                        amp_dtype=amp_dtype)
+                        amp_dtype=precision.amp_dtype(dtype))
     summary.update(data=str(data_path), helpful_data=str(helpful_path) if helpful_records else None,
                    revision_examples=n_rev, helpful_examples=len(examples) - n_rev, dropped=dropped,
                    config=asdict(cfg))
 
     # Save into a temporary folder, mark it done, then move it into place: model/ is complete or absent.
+    if not distributed.is_main():  # every process holds the same weights: rank 0 saves them
+        distributed.barrier()
+        return
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
     try:
         run.save_model(model, tok, tmp)
@@ -225,6 +228,7 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    distributed.barrier()
     print(f"train: {summary['steps']} steps, last loss {summary['last_loss']:.4f}, held-out losses "
           f"{[round(x, 4) for x in summary['heldout_losses']]} -> {model_dir}")
 
@@ -233,7 +237,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = run.setup(args)
     out = Path(args.out)
-    if args.force:
+    if args.force and distributed.is_main():
         doomed = []
         if args.only != "train":
             doomed += [out / "revisions.jsonl", out / "helpful.jsonl"]
@@ -246,6 +250,7 @@ def main(argv=None) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    distributed.barrier()
     out = run.start_run(args, out)
 
     cache = {}
@@ -257,8 +262,12 @@ def main(argv=None) -> None:
             cache["model"] = (model.eval(), tok, path)
         return cache["model"]
 
-    if args.only != "train":
+    get_model.cache = cache  # train_half drops a bf16/fp16 generation model before it loads float32 weights
+
+    # Under torchrun rank 0 generates the data while the others wait; every process then trains on its share.
+    if args.only != "train" and distributed.is_main():
         generate_half(args, out, get_model)
+    distributed.barrier()
     if args.only != "generate":
         train_half(args, out, get_model, device, dtype)
 

@@ -1,9 +1,10 @@
 """Decode speed: minicai's KV-cache sampler vs transformers' generate, same weights, same run.
 
-Default model (SmolLM2-135M-Instruct, converted offline), fp32, greedy, exactly 128 new tokens (no early stop),
-batch 1 and batch 16 (left-padded prompts of different lengths). Prints tokens/s for both and the ratio
-minicai / transformers; --ablation also times minicai without its packed decoding weights and without the shared
-prompt prefix. Usage: python bench/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 3] [--ablation]
+Default model (SmolLM2-135M-Instruct, converted offline), fp32 on the CPU (or --device cuda, --dtype bf16), greedy,
+exactly 128 new tokens (no early stop), batch 1 and batch 16 (left-padded prompts of different lengths). Prints
+tokens/s for both and the ratio minicai / transformers; --ablation also times minicai without its packed decoding
+weights and without the shared prompt prefix.
+Usage: python bench/bench_generate.py [--threads 2] [--new-tokens 128] [--repeats 3] [--ablation] [--device cuda]
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def best_time(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait for it before reading the clock
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -56,6 +59,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is reported")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="weights of both sides (default: fp32)")
     parser.add_argument("--ablation", action="store_true",
                         help="also time minicai without packed decoding weights and without the shared prefix")
     args = parser.parse_args()
@@ -65,18 +71,19 @@ def main() -> None:
 
     path = resolve_model(args.model)
     tok = ChatTokenizer.from_dir(path)
-    ours = Transformer.from_pretrained(path, dtype=torch.float32, fast=True)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    ours = Transformer.from_pretrained(path, dtype=dtype, device=args.device, fast=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     print(f"model {path}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}, fp32, greedy, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}, {args.device}, {args.dtype}, greedy, "
           f"{args.new_tokens} new tokens")
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = [tok.render([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True)
                    for i in range(batch)]
         width = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
 
         def run_ours():
             g = generate(ours, prompts, args.new_tokens, temperature=0, stop_ids=(), pad_id=tok.pad_id)

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from minicai import MinicaiError
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import (
     AGG_MODES,
     GROUP_SCALES,
@@ -95,10 +95,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     kl_coef: float = 0.05  # initial beta in r_t = -beta * KL_t
     kl_target: float | None = 6.0  # target KL (nats per response) of the adaptive controller; None: fixed beta
-    kl_horizon: float = 160.0  # episodes; at batch 8, beta moves <= 1% per iteration (Ziegler: 10000 at batch 512)
+    kl_horizon: float | None = None  # episodes; None: KL_HORIZON_BATCHES batches (Ziegler: 10000 at batch 512)
     kl_estimator: str = "k1"  # losses.kl_penalty kind: k1 (log-ratio, Ziegler et al.), abs, k2, k3
     truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
-    logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32
+    logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32 (bf16: see precision)
     share_prefix: bool = True  # run the prompts' common opening once per forward pass (exact up to float rounding)
     # Critic-free group advantages (GRPO / RLOO; see "Group advantages" below). With advantage != "gae", batch_size
     # counts responses: batch_size / group_size prompts, group_size samples each; there is no value model.
@@ -123,18 +123,29 @@ class PPOConfig:
             problems.append("max_new_tokens and ppo_epochs must be >= 1")
         if self.truncation_penalty > 0:
             problems.append(f"truncation_penalty={self.truncation_penalty} (it is added to the score: need <= 0)")
-        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon is not None and self.kl_horizon <= 0):
             problems.append(f"kl_target={self.kl_target}, kl_horizon={self.kl_horizon} (need > 0)")
         problems += group_config_problems(self)
         if problems:
             raise MinicaiError("invalid PPO settings: " + "; ".join(problems) + ". Fix the corresponding flags.")
 
 
+# The adaptive controller's default horizon, in batches: beta closes at most 20% of its gap per 20 iterations whatever
+# the batch size (Ziegler et al. 2019: a horizon of 10000 episodes at batch 512, about 20 batches). A horizon fixed in
+# episodes would move beta 8 times faster per iteration at batch 64 than at batch 8.
+KL_HORIZON_BATCHES = 20
+
+
+def kl_horizon(cfg: PPOConfig) -> float:
+    """The controller's horizon in episodes: cfg.kl_horizon, or KL_HORIZON_BATCHES * batch_size when it is None."""
+    return float(cfg.kl_horizon) if cfg.kl_horizon is not None else float(KL_HORIZON_BATCHES * cfg.batch_size)
+
+
 def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
     """Adaptive (Ziegler et al. 2019) when a target KL is set, else a fixed beta."""
     if cfg.kl_target is None:
         return FixedKLController(cfg.kl_coef)
-    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, kl_horizon(cfg))
 
 
 def derive_seed(seed: int, iteration: int, stream: int) -> int:
@@ -258,11 +269,14 @@ def rollout(
     stop_ids=(),
     pad_id: int = 0,
     seed: int = 0,
+    first_pass_rows: int | None = None,
 ) -> Rollout:
     """Sample one response per prompt and gather old/reference log-probs, values and scores (experience collection).
 
     prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row. value_model None
-    (GRPO, RLOO): no values (Rollout.values is None)."""
+    (GRPO, RLOO): no values (Rollout.values is None).
+    first_pass_rows: how many leading rows form the first PPO minibatch (default: cfg.minibatch_size; under
+    torchrun, this process's share of it)."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
@@ -276,7 +290,7 @@ def rollout(
     # minibatch go alone: ppo_step's first minibatch (the same rows, tensors and prefix) then recomputes their
     # log-probs bit for bit (ratio exactly 1). Policy and reference take the same passes, so a reference equal to
     # the policy gives a KL of exactly 0.
-    first = min(cfg.minibatch_size, B)
+    first = min(cfg.minibatch_size if first_pass_rows is None else first_pass_rows, B)
     rest = _chunks(B - first, cfg.forward_batch_size)
     passes = [slice(0, first)] + [slice(first + c.start, first + c.stop) for c in rest]
     logp, ref_logp, values = [], [], []
@@ -312,7 +326,8 @@ def compute_advantages(ro: Rollout, beta: float, cfg: PPOConfig) -> Rollout:
     ro.rewards, ro.kl = per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta, cfg.kl_estimator,
                                           truncated=truncated, truncation_penalty=cfg.truncation_penalty)
     adv, ro.returns = gae(ro.rewards, ro.values, mask, cfg.gamma, cfg.lam)
-    ro.advantages = whiten(adv, mask) if cfg.whiten_advantages else adv
+    # under torchrun: the mean and variance of every process's advantages (distributed.whiten), not this one's
+    ro.advantages = distributed.whiten(adv, mask) if cfg.whiten_advantages else adv
     ro.beta = float(beta)
     return ro
 
@@ -367,8 +382,13 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
     return norm
 
 
-def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) -> dict:
+def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0,
+             amp_dtype: torch.dtype | None = None, scalers: tuple | None = None) -> dict:
     """cfg.ppo_epochs passes of minibatch updates over the rollout; returns mean statistics.
+
+    amp_dtype: the forward passes run under precision.autocast in this dtype (bf16/fp16; None: none), as the
+    rollout's did, so the first minibatch still recomputes the old log-probs bit for bit. scalers: (policy, value)
+    precision.grad_scaler objects (fp16 loss scaling; default: made here, disabled unless amp_dtype is fp16).
 
     The first epoch takes the rows in order (its first minibatch is the rollout's first forward pass, so it
     recomputes the old log-probs bit for bit: ratio exactly 1); later epochs shuffle. Policy and value model are
@@ -378,36 +398,66 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
     ids, mask = ro.input_ids, ro.attention_mask
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_model.parameters() if p.requires_grad]
+    # Under torchrun this process holds rows r, r + W, ... of the global batch (distributed.my_rows): each global
+    # minibatch is split by that rule, its losses are token means over the GLOBAL minibatch, gradients are summed.
+    W, r = distributed.world(), distributed.rank()
+    if scalers is None:
+        scalers = (precision.grad_scaler(ids.device, amp_dtype), precision.grad_scaler(ids.device, amp_dtype))
+    policy_scaler, value_scaler = scalers
+    B_all = int(distributed.total(B)) if W > 1 else B
     g = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
     steps = 0
     ratio_first_maxdev = float("nan")
     for epoch in range(cfg.ppo_epochs):
-        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=g)
-        for chunk in _chunks(B, cfg.minibatch_size):
-            rows = order[chunk].to(ids.device)
+        order = torch.arange(B_all) if epoch == 0 else torch.randperm(B_all, generator=g)
+        for k, chunk in enumerate(_chunks(B_all, cfg.minibatch_size)):
+            rows = order[chunk]
+            if W > 1:
+                rows = torch.tensor([int(i) // W for i in rows if int(i) % W == r], dtype=torch.long)
+            rows = rows.to(ids.device)
             m = ro.response_mask[rows]
+            share = distributed.token_share(float(m.sum()), distributed.total(m.sum())) if W > 1 else 1.0
+            if len(rows) == 0:  # nothing of this minibatch here: add zero gradients to the others' sums
+                for opt, params, scaler in ((policy_opt, policy_params, policy_scaler),
+                                            (value_opt, value_params, value_scaler)):
+                    opt.zero_grad(set_to_none=True)
+                    distributed.all_reduce_grads(params)
+                    scaler.unscale_(opt)
+                    clip_grad_norm(params, cfg.max_grad_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                continue
             # policy: clipped surrogate on whitened advantages
-            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
+            with precision.autocast(ids.device, amp_dtype):
+                logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
             pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
-            if steps == 0:  # before any update in this iteration: must be exactly 0
+            if epoch == 0 and k == 0:  # before any update in this iteration: must be exactly 0
                 dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
                 ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
             policy_opt.zero_grad(set_to_none=True)
-            pg_loss.backward()
+            policy_scaler.scale(pg_loss * share if W > 1 else pg_loss).backward()
+            distributed.all_reduce_grads(policy_params)
+            policy_scaler.unscale_(policy_opt)
             pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
-            policy_opt.step()
+            policy_scaler.step(policy_opt)
+            policy_scaler.update()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
                 entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
             del logits
             # value model: clipped regression onto the GAE returns
-            v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
+            with precision.autocast(ids.device, amp_dtype):
+                v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
             vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
             value_opt.zero_grad(set_to_none=True)
-            vf_loss.backward()
+            value_scaler.scale(vf_loss * share if W > 1 else vf_loss).backward()
+            distributed.all_reduce_grads(value_params)
+            value_scaler.unscale_(value_opt)
             vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
-            value_opt.step()
+            value_scaler.step(value_opt)
+            value_scaler.update()
             value_opt.zero_grad(set_to_none=True)
             step_stats = {
                 "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
@@ -418,8 +468,12 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             for k, v_ in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v_)
             steps += 1
-    stats = {k: v / steps for k, v in sums.items()}
+    stats = {k: v / max(steps, 1) for k, v in sums.items()}
     stats["ratio_first_maxdev"] = ratio_first_maxdev
+    if W > 1:  # the mean over processes of each process's mean; the largest deviation of any process
+        stats = {k: distributed.mean(torch.tensor([v])) for k, v in stats.items()}
+        no_rows = ratio_first_maxdev != ratio_first_maxdev  # nan: none of the first minibatch's rows is here
+        stats["ratio_first_maxdev"] = float(distributed.all_max(torch.tensor(0.0 if no_rows else ratio_first_maxdev)))
     return stats
 
 
@@ -442,18 +496,46 @@ def rollout_stats(ro: Rollout) -> dict:
         "sampler_logprob_maxdiff": float(logp_gap.max()),
         **({"value_mean": float(masked_mean(ro.values, m)), "return_mean": float(masked_mean(ro.returns, m))}
            if ro.values is not None else {}),
+    } if not distributed.active() else global_rollout_stats(ro)
+
+
+def global_rollout_stats(ro: Rollout) -> dict:
+    """rollout_stats over every process's rows (under torchrun): global means, maxima and token means."""
+    m = ro.response_mask.float()
+    kl_sum = (ro.kl * m).sum(1)
+    tokens = distributed.total(m.sum())
+
+    def token_mean(x: Tensor) -> float:
+        return distributed.total((x * m).sum()) / tokens
+
+    score_mean = distributed.mean(ro.scores)
+    n = distributed.total(len(ro.scores))
+    score_var = (distributed.total(((ro.scores.double() - score_mean) ** 2).sum()) / (n - 1)) if n > 1 else 0.0
+    return {
+        "score": score_mean,
+        "score_std": score_var ** 0.5,
+        "kl": distributed.mean(kl_sum),
+        "kl_per_token": token_mean(ro.kl),
+        "kl_max_abs": float(distributed.all_max(((ro.logprobs - ro.ref_logprobs).abs() * m).max())),
+        "beta": ro.beta,
+        "reward": distributed.mean((ro.rewards * m).sum(1)),
+        "response_length": distributed.mean(m.sum(1)),
+        "no_stop_frac": distributed.mean((~ro.finished).float()),
+        "sampler_logprob_maxdiff": float(distributed.all_max(((ro.sample_logprobs - ro.logprobs).abs() * m).max())),
+        **({"value_mean": token_mean(ro.values), "return_mean": token_mean(ro.returns)}
+           if ro.values is not None else {}),
     }
 
 
 def check_sampler_logprobs(ro: Rollout, dtype: torch.dtype, tol: float) -> None:
-    """The sampler (KV cache, one token at a time) and the full forward pass must give the same log-probs; in float32
-    they agree to rounding. A gap means padding/positions differ between the two paths: a bug, not a user error."""
-    if dtype not in (torch.float32, torch.float64):
-        return
+    """The sampler (KV cache, one token at a time) and the full forward pass must give the same log-probs up to the
+    rounding of the products' dtype `dtype` (float32: within `tol`; bf16/fp16: precision.logprob_tolerance). A
+    larger gap means padding/positions differ between the two paths: a bug, not a user error."""
+    tol = precision.logprob_tolerance(dtype, tol)
     gap = float(((ro.sample_logprobs - ro.logprobs).abs() * ro.response_mask).max())
     if not gap <= tol:
-        raise RuntimeError(f"sampler log-probs differ from the forward pass by {gap:.2e} > {tol:g}: padding or "
-                           f"position handling disagrees between minicai.sampling.generate and the model forward")
+        raise RuntimeError(f"sampler log-probs differ from the forward pass by {gap:.2e} > {tol:g} ({dtype}): padding "
+                           f"or position handling disagrees between minicai.sampling.generate and the model forward")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,40 +553,63 @@ class PPOState:
     value_opt: torch.optim.Optimizer | None
     kl_ctl: AdaptiveKLController | FixedKLController
     iteration: int = 0
+    amp_dtype: torch.dtype | None = None  # bf16/fp16: every forward pass runs under autocast (precision.py)
+    scalers: tuple | None = None  # (policy, value) fp16 loss scalers (precision.grad_scaler; disabled otherwise)
 
 
-def init_state(policy, ref_model, value_model, cfg: PPOConfig) -> PPOState:
+def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.dtype | None = None) -> PPOState:
     """Freeze the reference, make policy and value model trainable, create one AdamW for each (value_model None:
-    GRPO / RLOO, no value model and no value optimiser)."""
+    GRPO / RLOO, no value model and no value optimiser).
+
+    The mixed-precision rule (precision.py): policy and value model hold float32 (or float64) weights, which AdamW
+    updates; amp_dtype (bf16/fp16, or None) is the dtype the forward passes run in under autocast. For a KL of
+    exactly 0 at iteration 0, give the reference the policy's dtype (a copy of it)."""
     ref_model.requires_grad_(False).eval()
     policy.requires_grad_(True)
-    if value_model is None:
-        policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay,
-                                       fused=True)
-        return PPOState(policy, ref_model, None, policy_opt, None, make_kl_controller(cfg))
-    value_model.requires_grad_(True)
+    precision.check_trainable(policy, "the policy")
     # fused: one kernel per parameter group instead of foreach's temporary copies of every tensor (faster on CPU and
     # GPU, and the peak memory of a step no longer holds an extra copy of the parameters)
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=cfg.weight_decay, fused=True)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
-                                  fused=True)
-    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg))
+    value_opt = None
+    if value_model is not None:
+        value_model.requires_grad_(True)
+        precision.check_trainable(value_model, "the value model")
+        value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
+                                      fused=True)
+    amp = precision.amp_dtype(amp_dtype) if amp_dtype is not None else None
+    scalers = (precision.grad_scaler(policy.device, amp), precision.grad_scaler(policy.device, amp))
+    return PPOState(policy, ref_model, value_model, policy_opt, value_opt, make_kl_controller(cfg), amp_dtype=amp,
+                    scalers=scalers)
 
 
 def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
                   cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
-    """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one."""
+    """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one.
+
+    prompt_ids/prompts: the global batch. Under torchrun each process runs its rows (distributed.my_rows) and
+    returns its own Rollout; the statistics are global."""
     it = state.iteration
     t0 = time.perf_counter()
-    ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
-                 pad_id, seed=derive_seed(seed, it, STREAM_SAMPLING))
-    check_sampler_logprobs(ro, state.policy.dtype, cfg.logprob_tol)
+    n_all, first, sample_seed = len(prompt_ids), None, derive_seed(seed, it, STREAM_SAMPLING)
+    if distributed.world() > n_all:
+        raise MinicaiError(f"a batch of {n_all} prompts cannot be shared by {distributed.world()} processes. Fix: "
+                           "raise --batch-size to at least the number of processes (torchrun --nproc_per_node)")
+    if distributed.active():  # this process's rows of the global batch; its share of the first minibatch goes first
+        mine = distributed.my_rows(n_all)
+        prompt_ids, prompts = [prompt_ids[i] for i in mine], [prompts[i] for i in mine]
+        first = len(distributed.my_rows(min(cfg.minibatch_size, n_all)))
+        sample_seed = derive_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
+    with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
+        ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
+                     pad_id, seed=sample_seed, first_pass_rows=first)
+    check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
     compute_advantages(ro, state.kl_ctl.beta, cfg)
     stats = {"iteration": it, **rollout_stats(ro)}
     t1 = time.perf_counter()
     stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
-                          seed=derive_seed(seed, it, STREAM_MINIBATCH)))
-    state.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids))
+                          seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype,
+                          scalers=state.scalers))
+    state.kl_ctl.update(stats["kl"], n_steps=n_all)  # the global mean KL over the global batch
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0
     stats["update_s"] = time.perf_counter() - t1
@@ -622,7 +727,8 @@ def micro_batch_loss(per_token: Tensor, mask: Tensor, mode: str, batch_rows: int
     return aggregate_loss(per_token, mask, mode) * (rows / batch_rows)
 
 
-def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) -> dict:
+def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0, amp_dtype: torch.dtype | None = None,
+              scaler: torch.amp.GradScaler | None = None) -> dict:
     """cfg.ppo_epochs passes of minibatch updates of the policy alone on group advantages; returns mean statistics.
 
     Each minibatch of cfg.minibatch_size rows is one optimiser step, its gradient accumulated over micro-batches of
@@ -631,10 +737,12 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) ->
     (ratio_first_maxdev == 0); later epochs shuffle. With cfg.kl_in == "loss", the k3 term is taken against the
     rollout's reference log-probs (the reference is frozen), with coefficient ro.beta. Statistics are token-
     weighted means over each minibatch (ref_kl_k3: the per-token k3 KL of the policy being updated to the reference),
-    policy_loss the minibatch's loss; then means over the minibatches."""
+    policy_loss the minibatch's loss; then means over the minibatches. amp_dtype and scaler: as in ppo_step (the
+    mixed-precision rule of precision.py)."""
     B, P = ro.query_ids.shape
     ids, mask = ro.input_ids, ro.attention_mask
     params = [p for p in policy.parameters() if p.requires_grad]
+    scaler = scaler or precision.grad_scaler(ids.device, amp_dtype)
     micro = cfg.micro_batch_size or cfg.minibatch_size
     kl_coef = ro.beta if cfg.kl_in == "loss" else 0.0
     g = torch.Generator().manual_seed(seed)
@@ -652,11 +760,12 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) ->
             for sub in _chunks(len(batch), micro):
                 rows = batch[sub]
                 m = ro.response_mask[rows]
-                logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
+                with precision.autocast(ids.device, amp_dtype):
+                    logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
                 per_token = group_token_loss(logp, ro.logprobs[rows], ro.ref_logprobs[rows], ro.advantages[rows],
                                              cfg.clip_ratio, kl_coef)
                 loss = micro_batch_loss(per_token, m, cfg.loss_agg, n_rows, n_tokens, cfg.max_new_tokens)
-                loss.backward()
+                scaler.scale(loss).backward()
                 with torch.no_grad():
                     if steps == 0 and sub.start == 0:  # before any update in this iteration: must be exactly 0
                         dev = (torch.exp(logp - ro.logprobs[rows]) - 1).abs()
@@ -666,11 +775,13 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0) ->
                     token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
                 del logits
                 share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
-                shares = [("policy_loss", float(loss.detach()))] + [(k, float(v) * share) for k, v in token_means.items()]
-                for k, v in shares:
+                shares = [(k, float(v) * share) for k, v in token_means.items()]
+                for k, v in [("policy_loss", float(loss.detach()))] + shares:
                     step_sums[k] = step_sums.get(k, 0.0) + v
+            scaler.unscale_(policy_opt)
             step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
-            policy_opt.step()
+            scaler.step(policy_opt)
+            scaler.update()
             policy_opt.zero_grad(set_to_none=True)
             for k, v in step_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -695,20 +806,26 @@ def group_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[
                     cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
     """GRPO / RLOO: cfg.group_size responses to each of the batch_size / group_size prompts -> group advantages ->
     grpo_step -> KL controller update; advances state.iteration by one. The rollout's rows are the prompts, each
-    repeated group_size times in a row (row i answers prompts[i // group_size])."""
+    repeated group_size times in a row (row i answers prompts[i // group_size]). One process only: a group's
+    advantages need all of its rows, which torchrun's row split (distributed.my_rows) would scatter."""
     G = cfg.group_size
+    if distributed.active():
+        raise MinicaiError(f"--advantage {cfg.advantage} runs in one process (torchrun splits a group's rows across "
+                           "processes). Fix: run train_rl.py without torchrun, or use --advantage gae")
     if cfg.advantage == "gae" or len(prompt_ids) * G != cfg.batch_size or len(prompts) != len(prompt_ids):
         raise ValueError(f"group_iteration needs advantage grpo/rloo and batch_size / group_size = "
                          f"{cfg.batch_size // G} prompts, got advantage {cfg.advantage!r} and {len(prompt_ids)}")
     it = state.iteration
     t0 = time.perf_counter()
-    ro = group_rollout(state.policy, state.ref_model, prompt_ids, prompts, reward_fn, cfg, stop_ids, pad_id,
-                       seed=derive_seed(seed, it, STREAM_SAMPLING))
-    check_sampler_logprobs(ro, state.policy.dtype, cfg.logprob_tol)
+    with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
+        ro = group_rollout(state.policy, state.ref_model, prompt_ids, prompts, reward_fn, cfg, stop_ids, pad_id,
+                           seed=derive_seed(seed, it, STREAM_SAMPLING))
+    check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
     compute_group_advantages(ro, state.kl_ctl.beta, cfg)
     stats = {"iteration": it, **rollout_stats(ro), **group_stats(ro, cfg)}
     t1 = time.perf_counter()
-    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=derive_seed(seed, it, STREAM_MINIBATCH)))
+    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=derive_seed(seed, it, STREAM_MINIBATCH),
+                           amp_dtype=state.amp_dtype, scaler=state.scalers[0] if state.scalers else None))
     state.kl_ctl.update(stats["kl"], n_steps=cfg.batch_size)
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0
@@ -734,9 +851,10 @@ def save_checkpoint(directory, state: PPOState, tokenizer=None, keep: int = 1) -
         tokenizer.save(tmp / "policy")
     if state.value_model is not None:
         state.value_model.save_pretrained(tmp / "value")
+    scalers = [s.state_dict() for s in state.scalers] if state.scalers and state.scalers[0].is_enabled() else None
     torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta, "policy_opt": state.policy_opt.state_dict(),
-                "value_opt": state.value_opt.state_dict() if state.value_opt is not None else None},
-               tmp / "trainer_state.pt")
+                "value_opt": state.value_opt.state_dict() if state.value_opt is not None else None,
+                "scalers": scalers}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -778,6 +896,9 @@ def load_checkpoint(path, state: PPOState) -> PPOState:
         with torch.no_grad():
             state.value_model.load_state_dict(value.state_dict())
         state.value_opt.load_state_dict(trainer["value_opt"])
+    if trainer.get("scalers") and state.scalers:  # fp16 runs: the loss scale too
+        for scaler, saved in zip(state.scalers, trainer["scalers"]):
+            scaler.load_state_dict(saved)
     state.kl_ctl.beta = float(trainer["beta"])
     state.iteration = int(trainer["iteration"])
     return state

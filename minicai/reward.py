@@ -7,9 +7,11 @@ conversation); with Llama 3 it is <|eot_id|>. Because positions follow the mask,
 padding, right padding or no padding.
 
 Training minimises the soft-label Bradley-Terry loss -[p log s(rA - rB) + (1 - p) log s(rB - rA)] (losses.py),
-p = the feedback model's P(A is better). After training, the scores can be shifted so that the PM's mean score on
-the policy's own samples is 0 (`offset`, stored in reward_config.json and already subtracted by forward/values);
-the RL stage then sees rewards centred on its starting policy.
+p = the feedback model's P(A is better). After training, the scores can be normalised to mean 0 and standard deviation
+1 on a calibration set of the policy's own samples, as lm-human-preferences does (`offset` and `scale`, stored in
+reward_config.json and already applied by forward/values: score = (head - offset) / scale). The RL stage then sees
+rewards centred on its starting policy, on a scale that does not depend on the PM, so the KL coefficient beta means
+the same for every PM. The head runs in float32, also under autocast.
 
 On disk a PM is a normal HF model directory (the trunk, still a working causal LM) plus reward_head.safetensors
 and reward_config.json: `RewardModel.from_pretrained(dir)` or `load_reward_model(dir)` loads it in one call.
@@ -28,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from minicai import MinicaiError
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 
@@ -39,11 +41,12 @@ CONFIG_FILE = "reward_config.json"
 class RewardModel(nn.Module):
     """trunk (Transformer) + head nn.Linear(hidden, 1). The head is kept in float32 whatever the trunk's dtype."""
 
-    def __init__(self, trunk: Transformer, offset: float = 0.0):
+    def __init__(self, trunk: Transformer, offset: float = 0.0, scale: float = 1.0):
         super().__init__()
         self.trunk = trunk
         self.head = nn.Linear(trunk.config.hidden_size, 1).to(device=trunk.device, dtype=torch.float32)
-        self.offset = float(offset)  # subtracted from every score (mean-0 normalisation on the policy's samples)
+        self.offset = float(offset)  # subtracted from every score (mean 0 on the policy's samples)
+        self.scale = float(scale)  # then divided into it (standard deviation 1 on the policy's samples)
 
     @property
     def device(self) -> torch.device:
@@ -53,14 +56,19 @@ class RewardModel(nn.Module):
         """The head at every position: [B, T] ids and mask -> [B, T] float32 (PPO's value model reads these).
         prefix: optional token ids [L] every row starts with, computed once on the CPU (fast.FlatRows)."""
         hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset
+        return self._score(hidden)
+
+    def _score(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(head(hidden) - offset) / scale: [..., D] -> [...], in the head's float32 even under autocast."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return (self.head(hidden.to(self.head.weight.dtype)).squeeze(-1) - self.offset) / self.scale
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix=None) -> torch.Tensor:
         """Scores [B] float32, read at the last token with attention_mask == 1 in each row."""
         hidden = self.trunk.hidden_states(input_ids, attention_mask, prefix=prefix)  # [B, T, D]
         last = last_token_index(attention_mask)  # [B]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, D]
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1) - self.offset
+        return self._score(h)
 
     @classmethod
     def from_lm(cls, lm: Transformer, head_init: str = "zero", seed: int = 0) -> "RewardModel":
@@ -102,7 +110,7 @@ class RewardModel(nn.Module):
         except json.JSONDecodeError as e:
             raise MinicaiError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg}); re-run train_pm.py") from None
         trunk = Transformer.from_pretrained(path, dtype=dtype, device=device, fast=fast)
-        rm = cls(trunk, offset=float(cfg.get("offset", 0.0)))
+        rm = cls(trunk, offset=float(cfg.get("offset", 0.0)), scale=float(cfg.get("scale", 1.0)))
         state = load_file(str(head_file))
         if set(state) != {"weight", "bias"} or tuple(state["weight"].shape) != (1, trunk.config.hidden_size):
             raise MinicaiError(f"{head_file}: expected 'weight' [1, {trunk.config.hidden_size}] and 'bias' [1]; "
@@ -125,9 +133,11 @@ class RewardModel(nn.Module):
         os.replace(tmp, path / HEAD_FILE)
         cfg = {
             "offset": self.offset,
+            "scale": self.scale,
             "hidden_size": self.trunk.config.hidden_size,
             "score_position": "last token with attention mask 1 (end of the chat-rendered conversation)",
-            "offset_note": "already subtracted by RewardModel.forward/values; do not subtract it again",
+            "offset_note": "score = (head - offset) / scale, already applied by RewardModel.forward/values; do not "
+                           "apply it again",
         }
         from minicai.run import atomic_write_json
 
@@ -218,17 +228,23 @@ class PMTrainConfig:
 
 
 def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PMTrainConfig,
-                           on_step: Callable[[dict], None] | None = None) -> list[dict]:
+                           on_step: Callable[[dict], None] | None = None,
+                           amp_dtype: torch.dtype | None = None) -> list[dict]:
     """Train the PM on labelled comparisons {prompt, response_a, response_b, p_a} with the soft-label Bradley-Terry
-    loss (AdamW, gradient clipping, seeded shuffles). Calls on_step(metrics) after every step; returns all metrics."""
+    loss (AdamW, gradient clipping, seeded shuffles). Calls on_step(metrics) after every step; returns all metrics.
+    Mixed precision (precision.py): float32 weights, the forward passes under autocast in amp_dtype (bf16/fp16; None:
+    no autocast). Under torchrun every process takes pairs r, r + W, ... of each batch; the loss is the mean over
+    the whole batch (gradients summed), so W processes make one process's update; the metrics are global."""
     if not records:
         raise MinicaiError("no labelled comparisons to train the preference model on")
+    precision.check_trainable(rm, "the preference model")
     head = [p for p in rm.head.parameters() if p.requires_grad]
     trunk = [p for p in rm.trunk.parameters() if p.requires_grad]
     params = head + trunk
     base_lrs = [config.head_lr if config.head_lr is not None else config.lr, config.lr]
     optimizer = torch.optim.AdamW([{"params": head, "lr": base_lrs[0]}, {"params": trunk, "lr": base_lrs[1]}],
                                   weight_decay=config.weight_decay)
+    scaler = precision.grad_scaler(rm.device, amp_dtype)  # fp16 only: loss scaling
     gen = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(records) / config.batch_size)
     history, step = [], 0
@@ -237,26 +253,50 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
         order = torch.randperm(len(records), generator=gen).tolist()
         for s in range(steps_per_epoch):
             batch = [records[i] for i in order[s * config.batch_size : (s + 1) * config.batch_size]]
+            n_all, batch = len(batch), [batch[i] for i in distributed.my_rows(len(batch))]  # this process's pairs
             scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * scale
             lr = config.lr * scale
-            r_a, r_b = pair_scores(rm, tok, batch, config.max_len)
-            p_a = torch.tensor([r["p_a"] for r in batch], dtype=torch.float32, device=r_a.device)
-            loss = bradley_terry_loss(r_a, r_b, p_a)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch:
+                with precision.autocast(rm.device, amp_dtype):
+                    r_a, r_b = pair_scores(rm, tok, batch, config.max_len)
+                p_a = torch.tensor([r["p_a"] for r in batch], dtype=torch.float32, device=r_a.device)
+                loss = bradley_terry_loss(r_a, r_b, p_a)
+                scaler.scale(loss * (len(batch) / n_all) if distributed.active() else loss).backward()
+                loss_value = float(loss.detach()) * len(batch)
+                decided = float((p_a != 0.5).sum())  # accuracy leaves out pairs without a preference
+                correct = preference_accuracy(r_a.detach(), r_b.detach(), p_a) * decided if decided else 0.0
+            else:
+                loss_value = correct = decided = 0.0
+            distributed.all_reduce_grads(params)
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
-            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr,
-                       "accuracy": preference_accuracy(r_a.detach(), r_b.detach(), p_a),
+            metrics = {"step": step, "epoch": epoch, "loss": distributed.total(loss_value) / n_all, "lr": lr,
+                       "accuracy": (distributed.total(correct) / distributed.total(decided)
+                                    if distributed.total(decided) else float("nan")),
                        "grad_norm": float(grad_norm) if grad_norm is not None else None}
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
     rm.eval()
     return history
+
+
+def normalize_scores(rm: RewardModel, raw_scores: list[float]) -> None:
+    """Set rm.offset and rm.scale so that `raw_scores` (scores of a calibration set computed with offset 0 and scale
+    1, e.g. the policy's held-out samples) get mean 0 and standard deviation 1, as lm-human-preferences normalises
+    its reward model before RL. Fewer than 2 scores, or scores that are all equal, leave the scale at 1."""
+    if not raw_scores:
+        return
+    x = torch.tensor(raw_scores, dtype=torch.float64)
+    std = float(x.std()) if len(x) > 1 else 0.0
+    rm.offset = float(x.mean())
+    rm.scale = std if std > 1e-6 else 1.0
 
 
 @torch.no_grad()

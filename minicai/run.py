@@ -65,17 +65,33 @@ def resolve_dtype(arg: str | None, device: torch.device) -> torch.dtype:
 
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
-    """Seed everything, set threads, pick device and dtype from the common flags. On the CPU, also tell malloc
+    """Seed everything, set threads, pick device and dtype from the common flags. Under torchrun, join the process
+    group (minicai/distributed.py): each process then uses the GPU of its local rank. On the CPU, also tell malloc
     to keep freed memory (fast.keep_freed_memory: a process-wide setting, so a script turns it on, not an import)."""
+    from minicai import distributed
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
+    seed_everything(args.seed)  # the same seed in every process: the same weights, shuffles and minibatches
+    device = distributed.setup(resolve_device(args.device))
     if device.type == "cpu" and not getattr(args, "no_fast", False):
         from minicai.fast import keep_freed_memory
 
         keep_freed_memory()
     return device, resolve_dtype(args.dtype, device)
+
+
+def main_first(fn):
+    """fn() in rank 0 first (it writes the files), then in the other processes (they find the work done and read
+    it). Without torchrun: fn()."""
+    from minicai import distributed
+
+    if distributed.is_main():
+        result = fn()
+        distributed.barrier()
+        return result
+    distributed.barrier()
+    return fn()
 
 
 def seed_everything(seed: int) -> None:
@@ -85,10 +101,13 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(args, out: str | Path) -> Path:
-    """Create the run directory and write args.json (atomically). Returns the directory."""
+    """Create the run directory and write args.json (atomically; rank 0 only under torchrun). Returns the directory."""
+    from minicai import distributed
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "args.json", {k: v for k, v in vars(args).items()})
+    if distributed.is_main():
+        atomic_write_json(out / "args.json", {k: v for k, v in vars(args).items()})
     return out
 
 
@@ -97,7 +116,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
-    """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing."""
+    """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing.
+    Under torchrun only rank 0 writes (the metrics are global)."""
+    from minicai import distributed
+
+    if not distributed.is_main():
+        return
     record = {"time": round(time.time(), 3), **record}
     with open(Path(run_dir) / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
@@ -126,8 +150,11 @@ def save_model(model, tokenizer, out_dir: Path) -> Path:
 
 def cli_main(main) -> None:
     """Run main(); a MinicaiError (a user error) prints `error: ...` on one line and exits with status 2."""
+    from minicai import distributed
+
     try:
         main()
+        distributed.teardown()
     except MinicaiError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

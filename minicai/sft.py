@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minicai import MinicaiError
+from minicai import MinicaiError, distributed, precision
 from minicai.losses import sft_loss
 
 
@@ -170,12 +170,6 @@ def warmup_steps(warmup: float, total: int) -> int:
 # Training
 
 
-def _autocast(model, amp_dtype: torch.dtype | None):
-    if amp_dtype is None or model.device.type == "cpu":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(model.device.type, dtype=amp_dtype)
-
-
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8,
                   amp_dtype: torch.dtype | None = None) -> float:
@@ -184,7 +178,7 @@ def evaluate_loss(model, examples: list[Example], pad_id: int, batch_size: int =
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[i: i + batch_size], pad_id).items()}
         n = target_tokens(batch)
-        with _autocast(model, amp_dtype):
+        with precision.autocast(model.device, amp_dtype):
             logits = model(batch["input_ids"], batch["attention_mask"])  # [B, T, V]
         total += float(sft_loss(logits, batch["input_ids"], batch["loss_mask"])) * n
         count += n
@@ -215,11 +209,20 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
     log(record) receives one dict per optimizer step ({"phase": "sft", step, epoch (0-based, of the step's last
     micro-batch), loss, lr, grad_norm, tokens (non-pad), target_tokens, tokens_per_s, seconds}) and one per held-out
     evaluation ({"phase": "sft_eval", step, epoch (epochs completed), heldout_loss}): before the first step, after
-    each epoch, and after the last step."""
+    each epoch, and after the last step.
+
+    Mixed precision (precision.py): the model's weights are float32 (or float64); amp_dtype (bf16/fp16, None: off)
+    is the dtype of the forward and backward passes under autocast.
+
+    Under torchrun (distributed.py) every process draws the same micro-batches and takes its rows r, r + W, ... of
+    each; the loss is the token mean over the whole step's tokens in every process (gradients summed), so W
+    processes make the update one process makes. The held-out loss is computed in every process."""
+    precision.check_trainable(model, "the SFT model")
     if not train:
         raise MinicaiError("no SFT training examples (all revisions empty or longer than --max-len). "
                            "Fix: generate more revisions or raise --max-len.")
     log = log or (lambda rec: None)
+    progress = progress and distributed.is_main()  # under torchrun: rank 0 shows the bar and prints
     steps = total_steps(len(train), cfg)
     warm = warmup_steps(cfg.warmup, steps)
     decay, no_decay = [], []
@@ -229,6 +232,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
     heldout_losses = []
+    scaler = precision.grad_scaler(model.device, amp_dtype)  # fp16 only: loss scaling
 
     def eval_heldout(step: int, epoch: int):
         if heldout:
@@ -251,24 +255,29 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             g["lr"] = lr
         # Token-weighted accumulation: each micro-batch's mean loss is scaled by its share of the step's tokens.
         micro = [next(stream) for _ in range(cfg.grad_accum)]
+        shares = [[idx[i] for i in distributed.my_rows(len(idx))] for _, idx, _ in micro]  # this process's rows
         batches = [{k: v.to(model.device) for k, v in collate([train[i] for i in idx], pad_id).items()}
-                   for _, idx, _ in micro]
-        n_target = sum(target_tokens(b) for b in batches)
+                   for idx in shares if idx]
+        n_target = int(distributed.total(sum(target_tokens(b) for b in batches)))  # the whole step's, all processes
         loss_sum = 0.0
         for b in batches:
             n = target_tokens(b)
             if n == 0:
                 continue
-            with _autocast(model, amp_dtype):
+            with precision.autocast(model.device, amp_dtype):
                 logits = model(b["input_ids"], b["attention_mask"])  # [B, T, V]
             loss = sft_loss(logits, b["input_ids"], b["loss_mask"])
-            (loss * (n / n_target)).backward()
+            scaler.scale(loss * (n / n_target)).backward()
             loss_sum += float(loss.detach()) * n
+        distributed.all_reduce_grads([p for p in model.parameters() if p.requires_grad])
+        loss_sum = distributed.total(loss_sum)
+        scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = int(distributed.total(sum(int(b["attention_mask"].sum()) for b in batches)))
         loss_value = loss_sum / max(1, n_target)
         ended = [m[0] for m in micro if m[2]]  # an epoch ended inside this step
         epoch = micro[-1][0]

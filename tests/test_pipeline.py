@@ -96,3 +96,48 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     # a rerun reuses the finished stages instead of starting over
     again = pipeline.main(["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--stages", "sl,pm"])
     assert [s["status"] for s in again["stages"]] == ["reused", "reused"]
+
+
+def test_gpu_preset_flags_run_on_the_cpu_in_bf16(tmp_path, tiny_model_dir, capfd):
+    """The gpu preset's flags (bf16 mixed precision, gradient accumulation, large generation/label/PM batches) on a
+    tiny model on the CPU, sizes cut to the tiny preset's (later flags win); --dry-run prints the real commands."""
+    log = pipeline.main(["--preset", "gpu", "--dry-run", "--out", str(tmp_path / "dry")])
+    assert [s["status"] for s in log["stages"]] == ["dry-run"] * 4
+    assert "--batch-size 64" in log["stages"][2]["command"]
+    tiny = pipeline.PRESETS["tiny"]
+    cut = {"sl": tiny["sl"] + ["--response-tokens", "6", "--critique-tokens", "6", "--revision-tokens", "6"],
+           "pm": tiny["pm"], "rl": tiny["rl"], "eval": tiny["eval"]}
+    out = tmp_path / "runs"
+    argv = ["--preset", "gpu", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu", "--dtype", "bf16",
+            "--threads", "1"]
+    for stage, flags in cut.items():
+        argv += [f"--{stage}-args", " ".join(flags)]
+    capfd.readouterr()
+    log = pipeline.main(argv)
+    assert all(s["status"] == "ran" for s in log["stages"])
+    assert "--grad-accum 2" in log["stages"][0]["command"] and "--dtype bf16" in log["stages"][2]["command"]
+    assert "check before the first update: max |ratio - 1| = 0," in capfd.readouterr().out
+    metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["kl_max_abs"] == 0.0 and metrics[0]["ratio_first_maxdev"] == 0.0
+    assert json.loads((out / "rl" / "model" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert (out / "report" / "report.md").is_file()
+
+
+def test_pipeline_with_two_processes_per_training_stage_finishes_and_resumes(tmp_path, tiny_model_dir):
+    """--nproc-per-node 2: each training stage under torchrun with 2 gloo processes on the CPU; RL resumes."""
+    out = tmp_path / "runs"
+    base = ["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--threads", "1", "--device", "cpu",
+            "--nproc-per-node", "2", "--stages", "sl,pm,rl"]
+    log = pipeline.main(base)
+    assert [s["status"] for s in log["stages"]] == ["ran"] * 3
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in log["stages"][2]["command"]
+    for stage in ("sl", "pm"):
+        assert (out / stage / "model" / "done.json").is_file()
+    metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1]  # one line per iteration: only rank 0 writes
+    assert metrics[0]["kl_max_abs"] == 0.0 and metrics[0]["ratio_first_maxdev"] == 0.0
+    # resume: two more iterations start from the newest checkpoint
+    log = pipeline.main(base + ["--rl-args", "--iterations 4"])
+    assert [s["status"] for s in log["stages"]] == ["reused", "reused", "ran"]
+    metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]

@@ -183,6 +183,19 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl():
     assert kl_last < 0.6 * max(h["kl"] for h in history)
 
 
+def test_kl_horizon_follows_the_batch_size():
+    """By default the adaptive controller's horizon is 20 batches, so beta moves as much per iteration at batch 64
+    (the gpu preset) as at batch 8 (a horizon fixed in episodes would move it 8 times faster)."""
+    betas = []
+    for batch in (8, 64):
+        ctl = ppo.make_kl_controller(ppo.PPOConfig(batch_size=batch, minibatch_size=4, kl_coef=0.05, kl_target=6.0))
+        assert ctl.horizon == ppo.KL_HORIZON_BATCHES * batch == 20 * batch
+        ctl.update(12.0, n_steps=batch)  # KL at twice the target: the error is clipped to +0.2
+        betas.append(ctl.beta)
+    assert betas[0] == betas[1] == pytest.approx(0.05 * (1 + 0.2 / 20))
+    assert ppo.make_kl_controller(ppo.PPOConfig(batch_size=64, minibatch_size=4, kl_horizon=32)).horizon == 32
+
+
 def run_iterations(state, cfg, start, stop, seed=0):
     pool = [[3 + i, 4 + i, 5][: 1 + i % 3] for i in range(20)]
     for it in range(start, stop):

@@ -14,6 +14,7 @@ from minicai.reward import (
     conversation_ids,
     evaluate_preference_model,
     load_reward_model,
+    normalize_scores,
     pad_batch,
     score_conversations,
     train_preference_model,
@@ -126,6 +127,27 @@ def test_pm_learns_a_synthetic_preference(tok):
     assert sum(row["count"] for row in after["calibration"]) == 64
 
 
+def test_scores_normalised_to_mean_0_std_1_on_a_calibration_set(tok, tmp_path):
+    """lm-human-preferences' reward normalisation: offset and scale make the calibration samples' scores mean 0 and
+    standard deviation 1; the value model (a copy of the PM) reads the same normalised head; both survive saving."""
+    rm = tiny_rm(tok, seed=0, head_init="normal")
+    pairs = synthetic_pairs(16, seed=2)
+    prompts, responses = [p["prompt"] for p in pairs], [p["response_a"] for p in pairs]
+    raw = score_conversations(rm, tok, prompts, responses)
+    assert raw.std() < 0.5  # a random head: scores on their own, arbitrary scale
+    normalize_scores(rm, raw.tolist())
+    scores = score_conversations(rm, tok, prompts, responses).double()
+    assert abs(float(scores.mean())) < 1e-5 and float(scores.std()) == pytest.approx(1.0, abs=1e-4)
+    ids = torch.tensor([conversation_ids(tok, prompts[0], responses[0])])
+    with torch.no_grad():
+        assert float(rm.values(ids, torch.ones_like(ids))[0, -1]) == pytest.approx(float(scores[0]), abs=1e-5)
+    rm.save_pretrained(tmp_path / "pm")
+    again = RewardModel.from_pretrained(tmp_path / "pm")
+    assert (again.offset, again.scale) == (rm.offset, rm.scale)
+    normalize_scores(rm, [0.5, 0.5])  # all equal: the scale stays 1 rather than dividing by 0
+    assert (rm.offset, rm.scale) == (0.5, 1.0)
+
+
 def test_evaluation_metrics_by_hand(tok, monkeypatch):
     """accuracy (ties wrong, p = 0.5 skipped), margin and calibration bins from hand-set scores."""
     import minicai.reward as reward
@@ -175,6 +197,7 @@ def test_train_pm_end_to_end_resumes_and_loads(tiny_model_dir, tmp_path, capsys)
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     rm, tok = load_reward_model(out / "model")
     assert rm.offset == pytest.approx(summary["pm"]["held_out"]["offset"])
+    assert rm.scale == pytest.approx(summary["pm"]["held_out"]["scale"])
     assert torch.isfinite(score_conversations(rm, tok, [labels[0]["prompt"]], [labels[0]["response_a"]])).all()
 
     capsys.readouterr()

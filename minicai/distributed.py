@@ -1,0 +1,142 @@
+"""Several processes (torchrun): data parallelism with torch.distributed, NCCL on GPUs and gloo on the CPU.
+
+    torchrun --nproc_per_node 2 train_rl.py ...     # one process per GPU (or per group of CPU cores)
+
+Every process holds the whole model and takes its share of each batch: rank r of W takes the rows r, r + W, r + 2W,
+... of every global batch (`my_rows`). After each backward pass the gradients are summed over the processes
+(`all_reduce_grads`), so every process applies the same update and the weights stay identical, as with
+DistributedDataParallel (which does the same sum, averaged, overlapped with the backward pass; the training passes
+here call model.hidden_states/logits rather than forward, which DDP's hooks would not see).
+
+The rule that makes W processes equal one: every statistic is global, never per process. A token-mean loss is
+divided by the GLOBAL token count, so each process scales its local mean by local count / global count
+(`token_share`) and the gradients are summed, not averaged; the split of a batch over processes then changes
+nothing. Advantage whitening uses the global mean and variance (`whiten`), the KL controller and the logged metrics
+the global means (`mean`). Per-process statistics here are a known bug of public implementations
+(../shared/research/rlhf-conventions.md). Only rank 0 writes files and shows progress bars (`is_main`).
+
+Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op on a world of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from minicai.losses import whiten as local_whiten
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes files, prints and shows progress bars."""
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL for CUDA, gloo for the CPU. On CUDA each
+    process takes the GPU of its LOCAL_RANK. Returns the device this process uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    # rank 0 alone generates the SL and PM data while the others wait at a barrier: allow it hours, not minutes
+    minutes = float(os.environ.get("MINICAI_DIST_TIMEOUT_MIN", "240"))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=minutes))
+    return device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def my_rows(n: int) -> list[int]:
+    """This process's rows of a global batch of n: r, r + W, r + 2W, ..."""
+    return list(range(rank(), n, world()))
+
+
+def _reduce(t: Tensor, op) -> Tensor:
+    """all_reduce of a copy of t; NCCL reduces GPU tensors only, so a CPU tensor travels through this process's GPU."""
+    if not active():
+        return t
+    wire = t.to(torch.device("cuda", torch.cuda.current_device()), copy=True) if (
+        dist.get_backend() == "nccl" and t.device.type != "cuda") else t.clone()
+    dist.all_reduce(wire, op=op)
+    return wire.to(t.device)
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """The sum over processes (a new tensor; `t` itself when there is one process)."""
+    return _reduce(t, dist.ReduceOp.SUM)
+
+
+def all_max(t: Tensor) -> Tensor:
+    """The maximum over processes (a new tensor; `t` itself when there is one process)."""
+    return _reduce(t, dist.ReduceOp.MAX)
+
+
+def total(x: float | int, device=None) -> float:
+    """A Python number summed over processes (float64 on the wire)."""
+    return float(all_sum(torch.tensor(float(x), dtype=torch.float64, device=device)))
+
+
+def mean(values: Tensor) -> float:
+    """The mean of the entries of `values` [n_local] over all processes' entries."""
+    s = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                          device=values.device)])
+    s = all_sum(s)
+    return float(s[0] / s[1].clamp(min=1))
+
+
+def token_share(local_count: float, global_count: float) -> float:
+    """The factor for this process's token-mean loss: local tokens / global tokens (summed gradients then give the
+    gradient of the global token mean)."""
+    return local_count / global_count if global_count > 0 else 0.0
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over processes, in one flat buffer (a missing gradient counts as zeros)."""
+    if not active():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """losses.whiten over the union of every process's masked entries: global mean and (Bessel-corrected) variance.
+    One process: losses.whiten itself."""
+    if not active():
+        return local_whiten(x, mask, eps=eps)
+    m = mask.to(x.dtype)
+    n = all_sum(m.sum().double())
+    mu = all_sum((x * m).sum().double()) / n
+    var = all_sum((((x.double() - mu) ** 2) * m.double()).sum()) / n * (n / (n - 1))
+    out = (x - mu.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + eps)
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
