@@ -95,9 +95,11 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """layer(x), with the product through oneDNN on the CPU (float32/bfloat16): faster than torch's default CPU
     product at this project's shapes (a few hundred tokens by 576-1536 features). Equal to F.linear up to float
-    rounding; the same inputs always give the same bits, with or without autograd. Elsewhere it is F.linear."""
+    rounding; the same inputs always give the same bits, with or without autograd. Elsewhere it is F.linear, and
+    so is it under autocast (the oneDNN call bypasses autocast's casts; precision.autocast)."""
     w = layer.weight
-    if ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
+    if (ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu")):
         return _OneDNNLinear.apply(x, w, layer.bias)
     return F.linear(x, w, layer.bias)
 
@@ -279,7 +281,7 @@ class FastTransformer(Transformer):
         no-grad use while the weights do not change (sampling.generate); they are freed on exit. Costs one extra
         copy of the weights while active."""
         use = PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        if not use or torch.is_grad_enabled():
+        if not use or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):  # autocast: plain products
             yield self
             return
         cat = lambda *ws: torch.cat([w.detach() for w in ws])  # noqa: E731

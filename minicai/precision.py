@@ -18,7 +18,7 @@ loss (`grad_scaler`): its narrow exponent range would flush small gradients to 0
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 
@@ -35,44 +35,12 @@ def amp_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return dtype if dtype in LOW else None
 
 
-def _cpu_fast_paths():
-    """(module, attribute) of the model's oneDNN-only CPU paths. They call oneDNN kernels directly, which autocast
-    does not cast, so they are switched off while autocast runs on the CPU (on CUDA they are off anyway)."""
-    import importlib
-
-    found = []
-    for name in ("minicai.model", "minicai.fast"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        found += [(module, attr) for attr in ("ONEDNN_LINEAR", "PACKED_DECODING") if hasattr(module, attr)]
-    return found
-
-
-@contextmanager
-def _cpu_autocast(dtype: torch.dtype):
-    paths = _cpu_fast_paths()
-    saved = [getattr(m, a) for m, a in paths]
-    try:
-        for m, a in paths:
-            setattr(m, a, False)
-        with torch.autocast("cpu", dtype=dtype):
-            yield
-    finally:
-        for (m, a), value in zip(paths, saved):
-            setattr(m, a, value)
-
-
 def autocast(device: torch.device | str, dtype: torch.dtype | None):
     """The context every forward (and backward) pass of a run runs in: torch.autocast in `dtype` when it is bf16 or
     fp16, else nothing. `dtype` is the run's dtype (or amp_dtype's result)."""
-    device_type = torch.device(device).type
     if dtype not in LOW:
         return nullcontext()
-    if device_type == "cpu":
-        return _cpu_autocast(dtype)
-    return torch.autocast(device_type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)  # fast.py's oneDNN paths step aside under it
 
 
 def grad_scaler(device: torch.device | str, dtype: torch.dtype | None) -> torch.amp.GradScaler:
