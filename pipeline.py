@@ -143,6 +143,11 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
                            "--revisions", str(revisions) if has_rev else "none",
                            "--rl-metrics", str(out / "rl" / "metrics.jsonl") if has_rl else "none",
                            "--out", str(out / "report")]
+        asked = preset + extra
+        if not args.dry_run and "--no-hhh" not in asked and not any(a.startswith("--hhh-file") for a in asked):
+            from minicai.feedback import hhh_file  # ../shared's copy, else obtained once into the cache
+
+            wiring += ["--hhh-file", str(hhh_file())]
     return wiring + common_flags(args) + preset + extra
 
 
