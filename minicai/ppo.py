@@ -56,6 +56,7 @@ from minicai.losses import (
     whiten,
 )
 from minicai.model import shared_prefix_length
+from minicai.run import check_finite
 from minicai.sampling import generate, left_pad, response_ids
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
@@ -369,6 +370,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             policy_opt.zero_grad(set_to_none=True)
             pg_loss.backward()
             pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
+            check_finite("ppo", steps + 1, loss=pg_loss, grad_norm=pg_norm)  # NaN/inf: stop before the update
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
             with torch.no_grad():
@@ -380,6 +382,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             value_opt.zero_grad(set_to_none=True)
             vf_loss.backward()
             vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
+            check_finite("ppo value", steps + 1, loss=vf_loss, grad_norm=vf_norm)
             value_opt.step()
             value_opt.zero_grad(set_to_none=True)
             step_stats = {

@@ -31,6 +31,7 @@ import torch.nn as nn
 from minicai import MinicaiError
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
+from minicai.run import check_finite
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -238,6 +239,7 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
+            check_finite("pm", step + 1, loss=loss, grad_norm=grad_norm)  # NaN/inf: stop before the update
             optimizer.step()
             step += 1
             metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr,

@@ -7,7 +7,11 @@ step) and the stage's outputs. Scripts wrap their main() in `cli_main` so user e
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -50,7 +54,7 @@ def resolve_device(arg: str | None) -> torch.device:
     if arg is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise MinicaiError(f"--device {arg}: no CUDA device is available here; use --device cpu")
+        raise MinicaiError(f"--device {arg}: no CUDA device is available here (fix: use --device cpu)")
     return torch.device(arg)
 
 
@@ -62,6 +66,8 @@ def resolve_dtype(arg: str | None, device: torch.device) -> torch.dtype:
 
 def setup(args) -> tuple[torch.device, torch.dtype]:
     """Seed everything, set threads, pick device and dtype from the common flags."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise MinicaiError(f"--threads {args.threads}: must be >= 1 (fix: leave it out for torch's choice)")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -75,12 +81,168 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory: lock, settings record, args history
+
+# Flags that do not change what a stage writes (where, how fast, which half, whether to start afresh); train_rl's
+# --iterations only says how far to go (no schedule depends on it: a longer run continues a shorter one).
+NOT_SETTINGS = frozenset({"out", "force", "threads", "only", "dry_run", "iterations", "save_every"})
+LOCK_NAME, SETTINGS_NAME, HISTORY_NAME = ".lock", "settings.json", "args_history.jsonl"
+_started: dict = {}  # what start_run changed, so that an error before any output can undo it (see cli_main)
+
+
+def settings_of(args) -> dict:
+    """The flags that determine a stage's outputs, as JSON values; paths inside the repository or the minicai
+    cache are written relative to them, so a moved checkout or cache still matches."""
+    from minicai.data import REPO_ROOT
+    from minicai.weights import cache_dir
+
+    roots = ((str(REPO_ROOT), "<repo>"), (str(cache_dir()), "<cache>"))
+
+    def norm(v):
+        v = json.loads(json.dumps(v, default=str))
+        if isinstance(v, str):
+            for root, name in roots:
+                if v == root or v.startswith(root + "/"):
+                    return name + v[len(root):]
+        return v
+
+    return {k: norm(v) for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+
+
+def settings_differences(recorded: dict, now: dict) -> list[str]:
+    """'name: recorded -> now' for every flag whose value differs (a flag missing on one side counts)."""
+    keys = sorted(set(recorded) | set(now))
+    missing = object()
+    return [f"--{k.replace('_', '-')}: {recorded.get(k, missing)!r} -> {now.get(k, missing)!r}".replace(
+        repr(missing), "(absent)") for k in keys if recorded.get(k, missing) != now.get(k, missing)]
+
+
+def check_settings(out: Path, args) -> None:
+    """Stop when `out` holds outputs made under other settings than `args` (its settings.json): resuming would
+    silently mix the two runs. --force (where the script has it) starts afresh instead."""
+    path = out / SETTINGS_NAME
+    if not path.is_file() or getattr(args, "force", False):
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MinicaiError(f"{path}: damaged settings record ({e}). Fix: rerun with another --out, or delete "
+                           f"{path} if you know the outputs in {out} were made with these settings") from None
+    diff = settings_differences(recorded, settings_of(args))
+    if diff:
+        fix = "pass --force to discard them and start afresh" if hasattr(args, "force") else f"delete {out}"
+        raise MinicaiError(f"{out}: its outputs were made with other settings ({'; '.join(diff)}). Fix: use "
+                           f"another --out for the new settings, or {fix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(out: Path) -> None:
+    """Make this process the only writer of `out`: out/.lock holds the writer's pid. A lock whose process is gone
+    (killed) is taken over; one held by a live process is an error naming its pid. Released at exit."""
+    lock = out / LOCK_NAME
+    me = os.getpid()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                holder = None  # half written or unreadable: its writer died between open and write
+            if holder == me:
+                return
+            if holder is not None and _pid_alive(holder):
+                raise MinicaiError(f"{out}: another process (pid {holder}) is writing this run folder ({lock}). "
+                                   "Fix: wait for it to finish, or use another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{me}\n")
+        atexit.register(release_lock, out)
+        return
+    raise MinicaiError(f"{lock}: could not take the lock (fix: delete {lock} if no minicai process is running)")
+
+
+def release_lock(out: Path) -> None:
+    lock = Path(out) / LOCK_NAME
+    try:
+        if lock.read_text().split()[0] == str(os.getpid()):
+            lock.unlink()
+    except (OSError, IndexError):
+        pass
+
+
 def start_run(args, out: str | Path) -> Path:
-    """Create the run directory and write args.json (atomically). Returns the directory."""
+    """Open the run directory for writing: take its lock, check that earlier outputs there were made with the
+    same settings (check_settings), then record the settings (settings.json, kept while outputs exist),
+    the exact flags (args.json) and append them to args_history.jsonl. Returns the directory."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "args.json", {k: v for k, v in vars(args).items()})
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinicaiError(f"--out {out}: cannot create the run folder ({e.strerror}). Fix: choose a writable "
+                           "--out") from None
+    before = {p.name: (p.read_bytes() if p.name in (SETTINGS_NAME, "args.json") else
+                       p.stat().st_size if p.is_file() else None)  # every entry, folders too
+              for p in out.iterdir() if p.name != LOCK_NAME}
+    _started.clear()
+    _started.update(out=out, created=created, before=before, locked=False)
+    acquire_lock(out)
+    _started["locked"] = True
+    check_settings(out, args)
+    record = {k: v for k, v in vars(args).items()}
+    try:
+        if getattr(args, "force", False) or SETTINGS_NAME not in before:
+            atomic_write_json(out / SETTINGS_NAME, settings_of(args))
+        atomic_write_json(out / "args.json", record)
+        with open(out / HISTORY_NAME, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "argv": sys.argv[1:], "args": record},
+                               default=str) + "\n")
+    except OSError as e:
+        raise MinicaiError(f"{out}: cannot write the run record ({e.strerror or e}). Fix: free disk space or "
+                           "choose a writable --out") from None
     return out
+
+
+def undo_start_run() -> None:
+    """After a user error: if nothing but start_run's own files was written, put the run folder back as it was
+    (remove it if start_run created it), so a rejected command leaves no trace."""
+    if not _started:
+        return
+    out, created, before = _started["out"], _started["created"], _started["before"]
+    _started_locked = _started["locked"]
+    _started.clear()
+    own = {SETTINGS_NAME, "args.json", HISTORY_NAME, LOCK_NAME}
+    try:
+        now = {p.name for p in out.iterdir()}
+        if now - own - set(before):
+            return  # real outputs were written: keep them with their settings record
+        for name in own - {LOCK_NAME}:
+            path = out / name
+            if name not in before:
+                path.unlink(missing_ok=True)
+            elif name == HISTORY_NAME:
+                if path.stat().st_size != before[name]:
+                    os.truncate(path, before[name])
+            elif path.read_bytes() != before[name]:
+                atomic_write_text(path, before[name].decode("utf-8"))
+        if _started_locked:
+            release_lock(out)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -115,11 +277,58 @@ def save_model(model, tokenizer, out_dir: Path) -> Path:
 
 def cli_main(main) -> None:
     """Run main(); a MinicaiError (a user error) prints `error: ...` on one line and exits with status 2."""
+    def usage_error(parser, message):  # argparse's two lines (usage + error) as our one line
+        raise MinicaiError(f"{message} (fix: see {parser.prog} --help)")
+
+    argparse.ArgumentParser.error = usage_error
     try:
         main()
     except MinicaiError as e:
-        print(f"error: {e}", file=sys.stderr)
+        undo_start_run()
+        _close_progress_bars()
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or ''}: {e.strerror} (fix: free disk space, or choose a writable --out); "
+              "finished outputs are kept, rerun the same command to continue", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an error interrupted now, so that their last redraw comes before the error line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite numbers in training
+
+NONFINITE_HOOK = "MINICAI_TEST_NONFINITE"  # test hook: "sft:2" makes the 2nd check of phase sft see a NaN loss
+_checks: dict[str, int] = {}
+
+
+def check_finite(phase: str, step: int, **values) -> None:
+    """Stop training when a loss or gradient norm is NaN or infinite, before the optimizer step that would spread
+    it into the weights: the last saved checkpoint stays the last good one. `values`: name -> float or tensor."""
+    _checks[phase] = calls = _checks.get(phase, 0) + 1
+    if os.environ.get(NONFINITE_HOOK) == f"{phase}:{calls}":  # the calls-th check of `phase` in this process
+        values = {**values, "loss": float("nan")}
+    bad = {k: float(v) for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        where = f"{phase} step {step}" + (f" (update {calls} of this process)" if calls != step else "")
+        raise MinicaiError(f"{where}: {shown}; stopped before the update, the last saved checkpoint is "
+                           "kept. Fix: lower --lr, check the training data, or train in fp32 (--dtype fp32)")

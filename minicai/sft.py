@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from minicai import MinicaiError
 from minicai.losses import sft_loss
+from minicai.run import check_finite
 
 
 @dataclass
@@ -265,6 +266,7 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
             (loss * (n / n_target)).backward()
             loss_sum += float(loss.detach()) * n
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        check_finite("sft", step + 1, loss=loss_sum, grad_norm=grad_norm)  # NaN/inf: stop before the update
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
