@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 import re
+import signal
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -159,8 +161,29 @@ def append_jsonl(path, record: dict) -> None:
             f.seek(end - 1)
             if f.read(1) != b"\n":
                 f.truncate(_end_of_last_full_line(f, end))
+        crash_point(f, line)
         f.write(line)
         f.flush()
+
+
+KILL_HOOK = "MINICAI_TEST_KILL"  # test hook (tests/test_crash.py), see crash_point
+_appends = [0]
+
+
+def crash_point(f, line) -> None:
+    """Test hook: with MINICAI_TEST_KILL="train_sl.py:3", the process running train_sl.py kills itself (SIGKILL,
+    as a power cut would) in the middle of its 3rd appended line (append_jsonl, run.log_metrics), half written."""
+    spec = os.environ.get(KILL_HOOK)
+    if not spec:
+        return
+    script, _, k = spec.rpartition(":")
+    if script != Path(sys.argv[0]).name:
+        return
+    _appends[0] += 1
+    if _appends[0] == int(k):
+        f.write(line[: len(line) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _end_of_last_full_line(f, end: int, chunk: int = 1 << 16) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from minicai import MinicaiError
-from minicai.data import atomic_write_text
+from minicai.data import append_jsonl, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 
@@ -92,12 +92,16 @@ _started: dict = {}  # what start_run changed, so that an error before any outpu
 
 
 def settings_of(args) -> dict:
-    """The flags that determine a stage's outputs, as JSON values; paths inside the repository or the minicai
-    cache are written relative to them, so a moved checkout or cache still matches."""
+    """The flags that determine a stage's outputs, as JSON values; paths inside the repository, the minicai cache
+    or the folder that holds --out (where pipeline.py puts the other stages) are written relative to them, so a
+    moved checkout, cache or run folder still matches."""
     from minicai.data import REPO_ROOT
     from minicai.weights import cache_dir
 
-    roots = ((str(REPO_ROOT), "<repo>"), (str(cache_dir()), "<cache>"))
+    roots = [(str(REPO_ROOT), "<repo>"), (str(cache_dir()), "<cache>")]
+    if getattr(args, "out", None):
+        runs = Path(args.out).parent
+        roots += [(str(runs.resolve()), "<runs>"), (str(runs), "<runs>")] if str(runs) != "." else []
 
     def norm(v):
         v = json.loads(json.dumps(v, default=str))
@@ -250,11 +254,10 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def log_metrics(run_dir: Path, record: dict) -> None:
-    """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing."""
+    """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing (a line
+    a crash left half written is cut off first: data.append_jsonl)."""
     record = {"time": round(time.time(), 3), **record}
-    with open(Path(run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
-        f.flush()
+    append_jsonl(Path(run_dir) / "metrics.jsonl", json.loads(json.dumps(record, default=float)))
 
 
 def load_model_and_tokenizer(model_arg: str | None, device, dtype):
