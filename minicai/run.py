@@ -116,10 +116,9 @@ def settings_of(args) -> dict:
 
 def settings_differences(recorded: dict, now: dict) -> list[str]:
     """'name: recorded -> now' for every flag whose value differs (a flag missing on one side counts)."""
-    keys = sorted(set(recorded) | set(now))
-    missing = object()
-    return [f"--{k.replace('_', '-')}: {recorded.get(k, missing)!r} -> {now.get(k, missing)!r}".replace(
-        repr(missing), "(absent)") for k in keys if recorded.get(k, missing) != now.get(k, missing)]
+    shown = lambda d, k: repr(d[k]) if k in d else "(absent)"  # noqa: E731
+    return [f"--{k.replace('_', '-')}: {shown(recorded, k)} -> {shown(now, k)}"
+            for k in sorted(set(recorded) | set(now)) if k not in recorded or k not in now or recorded[k] != now[k]]
 
 
 def check_settings(out: Path, args) -> None:
@@ -162,7 +161,10 @@ def acquire_lock(out: Path) -> None:
             try:
                 holder = int(lock.read_text().split()[0])
             except (OSError, ValueError, IndexError):
-                holder = None  # half written or unreadable: its writer died between open and write
+                holder = None  # empty: its writer is between open and write, or died there
+                if time.time() - lock.stat().st_mtime < 10:
+                    raise MinicaiError(f"{out}: another process is starting to write this run folder ({lock}). "
+                                       "Fix: wait for it, or use another --out") from None
             if holder == me:
                 return
             if holder is not None and _pid_alive(holder):

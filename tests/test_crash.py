@@ -184,7 +184,10 @@ def test_lock_in_process(tmp_path):
     (tmp_path / LOCK_NAME).write_text(f"{os.getppid()}\n")  # a live process
     with pytest.raises(MinicaiError, match=f"pid {os.getppid()}"):
         acquire_lock(tmp_path)
-    (tmp_path / LOCK_NAME).write_text("")  # half written by a writer that died at once
+    (tmp_path / LOCK_NAME).write_text("")  # empty: a writer between open and write...
+    with pytest.raises(MinicaiError, match="starting to write"):
+        acquire_lock(tmp_path)
+    os.utime(tmp_path / LOCK_NAME, (0, 0))  # ...or, long ago, one that died there: stale
     acquire_lock(tmp_path)
     release_lock(tmp_path)
 
