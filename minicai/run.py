@@ -281,11 +281,13 @@ def save_model(model, tokenizer, out_dir: Path) -> Path:
 
 
 def cli_main(main) -> None:
-    """Run main(); a MinicaiError (a user error) prints `error: ...` on one line and exits with status 2."""
-    def usage_error(parser, message):  # argparse's two lines (usage + error) as our one line
+    """Run main(); a MinicaiError (a user error) prints `error: ...` on one line and exits with status 2. So do
+    argparse's usage errors (instead of its usage + error lines) and a full disk or unwritable output."""
+    def usage_error(parser, message):
         raise MinicaiError(f"{message} (fix: see {parser.prog} --help)")
 
-    argparse.ArgumentParser.error = usage_error
+    argparse_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = usage_error  # for main()'s parse_args only: put back below
     try:
         main()
     except MinicaiError as e:
@@ -302,6 +304,8 @@ def cli_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted: finished outputs are kept; rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
+    finally:
+        argparse.ArgumentParser.error = argparse_error
 
 
 def _close_progress_bars() -> None:

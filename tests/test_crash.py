@@ -248,3 +248,14 @@ def test_sigkill_lock_left_behind_does_not_block_the_rerun(tmp_path, tiny_model_
     assert proc.wait(timeout=300) == -signal.SIGKILL
     assert (out / ".lock").is_file()  # a killed process cannot clean up
     assert run_cmd(sl_argv(tiny_model_dir, out)).returncode == 0
+
+
+def test_cli_main_leaves_argparse_as_it_was():
+    import argparse
+
+    from minicai.run import cli_main
+
+    error = argparse.ArgumentParser.error
+    with pytest.raises(SystemExit):
+        cli_main(lambda: argparse.ArgumentParser().parse_args(["--nope"]))
+    assert argparse.ArgumentParser.error is error
