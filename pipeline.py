@@ -121,10 +121,37 @@ def common_flags(args) -> list[str]:
     return flags
 
 
-def stage_done(stage: str, out: Path) -> bool:
+def stage_done(stage: str, out: Path, argv: list[str] | None = None) -> bool:
     """A training stage is finished when its model/ folder has done.json (train_sl.py and train_pm.py write it last,
-    then move model/ into place). train_rl.py checks its own checkpoints and exits at once when it is finished."""
-    return stage != "eval" and (out / stage / "model" / "done.json").is_file()
+    then move model/ into place) and, given the stage's flags `argv`, its settings.json records the settings these
+    flags give (otherwise the stage runs, and stops with an error naming the differences). train_rl.py checks its
+    own checkpoints and exits at once when it is finished."""
+    if stage == "eval" or not (out / stage / "model" / "done.json").is_file():
+        return False
+    return argv is None or recorded_settings(out / stage) == stage_settings(stage, argv)
+
+
+def recorded_settings(run_dir: Path) -> dict | None:
+    import json
+
+    from minicai.run import SETTINGS_NAME
+
+    try:
+        return json.loads((run_dir / SETTINGS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def stage_settings(stage: str, argv: list[str]) -> dict:
+    """What the stage script would record in settings.json for these flags (its own parse_args, run.settings_of)."""
+    import importlib.util
+
+    from minicai.run import settings_of
+
+    spec = importlib.util.spec_from_file_location(f"_stage_{stage}", REPO / SCRIPTS[stage])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return settings_of(module.parse_args(argv))
 
 
 def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
@@ -149,6 +176,11 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
                            "--revisions", str(revisions) if has_rev else "none",
                            "--rl-metrics", str(out / "rl" / "metrics.jsonl") if has_rl else "none",
                            "--out", str(out / "report")]
+        asked = preset + extra
+        if not args.dry_run and "--no-hhh" not in asked and not any(a.startswith("--hhh-file") for a in asked):
+            from minicai.feedback import hhh_file  # ../shared's copy, else obtained once into the cache
+
+            wiring += ["--hhh-file", str(hhh_file())]
     return wiring + common_flags(args) + preset + extra
 
 
@@ -201,7 +233,7 @@ def main(argv=None) -> dict:
         shown = ("python -m minicai.compare" if stage == "eval" else
                  f"{shlex.join(launcher(args.nproc_per_node))} {SCRIPTS[stage]}")
         line = f"{shown} {shlex.join(argv_stage)}"
-        if stage_done(stage, out):
+        if stage_done(stage, out, argv_stage):
             print(f"== {stage}: finished ({out / stage / 'model' / 'done.json'}); reusing it")
             log["stages"].append({"stage": stage, "status": "reused"})
             continue

@@ -386,6 +386,8 @@ def main(argv=None) -> None:
                 elif target.exists():
                     target.unlink()
     policy_path = resolve_policy(args) if ("pairs" in steps or ("train" in steps and not args.pm_init)) else None
+    if "label" in steps:  # read the feedback model's input files first: a bad one stops before anything is written
+        feedback_config(args), load_constitution(args.constitution, require="comparisons")
     distributed.barrier()
     out = run.start_run(args, out)
     t0 = time.perf_counter()

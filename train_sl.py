@@ -158,6 +158,11 @@ def generate_half(args, out: Path, get_model) -> None:
     examples = load_critique_examples(args.examples) if args.num_examples > 0 and args.rounds > 0 else []
     red_team = read_prompts(args.red_team, limit=args.num_prompts)
     helpful = read_prompts(args.helpful, limit=args.num_helpful) if args.num_helpful > 0 else []
+    for flag, path, got, asked in (("--red-team", args.red_team, red_team, args.num_prompts),
+                                   ("--helpful", args.helpful, helpful, args.num_helpful)):
+        if asked > 0 and not got:
+            raise MinicaiError(f"{flag} {path}: no prompts in it (fix: point {flag} at a prompt file with at least "
+                               f"one prompt, or pass --num-{'prompts' if flag == '--red-team' else 'helpful'} 0)")
     if len(red_team) < args.num_prompts:
         print(f"note: {args.red_team} has only {len(red_team)} prompts (asked for {args.num_prompts})",
               file=sys.stderr)

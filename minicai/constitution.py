@@ -76,6 +76,20 @@ class ComparisonExample:
 # Constitution
 
 
+def resolve_paper_name(path) -> Path:
+    """A path as given, except that a bare file name of the paper's (e.g. "RLMadisonInstructions.json", see
+    minicai.weights.PAPER_FILES) that is not a file here is read from ../shared, else downloaded once (pinned,
+    sha256-checked) from the paper's GitHub repository into the cache."""
+    from minicai.data import SHARED_DIR
+    from minicai.weights import PAPER_FILES, paper_file
+
+    path = Path(path)
+    if path.exists() or str(path) not in PAPER_FILES:
+        return path
+    shared = SHARED_DIR / "data" / "cai-paper" / path.name
+    return shared if shared.is_file() else paper_file(path.name)
+
+
 def load_constitution(path=DEFAULT_CONSTITUTION, require: str | None = None) -> Constitution:
     """Read a constitution: the project's text format, or one of the paper's JSON files.
 
@@ -84,7 +98,7 @@ def load_constitution(path=DEFAULT_CONSTITUTION, require: str | None = None) -> 
     require="critiques" or "comparisons" to get a MinicaiError naming the file when that section
     is empty. Malformed input raises MinicaiError naming file:line and the fix.
     """
-    path = Path(path)
+    path = resolve_paper_name(path)
     if not path.is_file():
         raise MinicaiError(f"{path}: constitution file not found (fix: check the path)")
     text = path.read_text(encoding="utf-8")
@@ -322,7 +336,7 @@ def load_critique_examples(path=DEFAULT_CRITIQUE_EXAMPLES) -> list[CritiqueExamp
     \\n\\nRevisionRequest: ...\\n\\nRevision: ...", possibly with several turns and a trailing
     "\\n\\nHuman:".
     """
-    path = Path(path)
+    path = resolve_paper_name(path)
     examples = []
     if path.suffix == ".json":
         obj = _read_json_file(path)
@@ -365,7 +379,7 @@ def load_comparison_examples(path=DEFAULT_COMPARISON_EXAMPLES) -> list[Compariso
     Paper JSON (RLMadisonFewShotPrompts.json): a list of {"prompt": "\\n\\nHuman: ...\\n\\nAssistant:",
     "corrects": [...], "incorrects": [...]}; the first correct and first incorrect are used.
     """
-    path = Path(path)
+    path = resolve_paper_name(path)
     examples = []
     if path.suffix == ".json":
         obj = _read_json_file(path)

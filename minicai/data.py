@@ -20,6 +20,8 @@ import gzip
 import json
 import os
 import re
+import signal
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -58,6 +60,19 @@ def _open_text(path: Path):
     return open(path, "r", encoding="utf-8")
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file (.gz decompressed); unreadable bytes are a MinicaiError naming file:line."""
+    n = 0
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                yield n, line
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e})"
+        raise MinicaiError(f"{path}:{n + 1}: {what} (fix: re-create or re-download the file; text files must be "
+                           "UTF-8, .gz files complete gzip streams)") from None
+
+
 def iter_jsonl(path, tolerate_partial_last: bool = False) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, record) for each non-blank line of a JSONL file (.jsonl or .jsonl.gz).
 
@@ -66,18 +81,19 @@ def iter_jsonl(path, tolerate_partial_last: bool = False) -> Iterator[tuple[int,
     middle of append_jsonl leaves behind) is skipped instead.
     """
     path = Path(path)
-    with _open_text(path) as f:
-        pending: tuple[int, str] | None = None  # hold one line back to know whether it is the last
-        for n, line in enumerate(f, 1):
-            if pending is not None:
-                yield pending[0], _parse_line(path, *pending, is_partial_last=False)
-            pending = (n, line) if line.strip() else None
+    if not path.is_file():
+        raise MinicaiError(f"{path}: file not found (fix: check the path)")
+    pending: tuple[int, str] | None = None  # hold one line back to know whether it is the last
+    for n, line in _lines(path):
         if pending is not None:
-            n, line = pending
-            partial = tolerate_partial_last and not line.endswith("\n")
-            record = _parse_line(path, n, line, is_partial_last=partial)
-            if record is not None:
-                yield n, record
+            yield pending[0], _parse_line(path, *pending, is_partial_last=False)
+        pending = (n, line) if line.strip() else None
+    if pending is not None:
+        n, line = pending
+        partial = tolerate_partial_last and not line.endswith("\n")
+        record = _parse_line(path, n, line, is_partial_last=partial)
+        if record is not None:
+            yield n, record
 
 
 def _parse_line(path: Path, n: int, line: str, is_partial_last: bool) -> dict | None:
@@ -145,8 +161,29 @@ def append_jsonl(path, record: dict) -> None:
             f.seek(end - 1)
             if f.read(1) != b"\n":
                 f.truncate(_end_of_last_full_line(f, end))
+        crash_point(f, line)
         f.write(line)
         f.flush()
+
+
+KILL_HOOK = "MINICAI_TEST_KILL"  # test hook (tests/test_crash.py), see crash_point
+_appends = [0]
+
+
+def crash_point(f, line) -> None:
+    """Test hook: with MINICAI_TEST_KILL="train_sl.py:3", the process running train_sl.py kills itself (SIGKILL,
+    as a power cut would) in the middle of its 3rd appended line (append_jsonl, run.log_metrics), half written."""
+    spec = os.environ.get(KILL_HOOK)
+    if not spec:
+        return
+    script, _, k = spec.rpartition(":")
+    if script != Path(sys.argv[0]).name:
+        return
+    _appends[0] += 1
+    if _appends[0] == int(k):
+        f.write(line[: len(line) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _end_of_last_full_line(f, end: int, chunk: int = 1 << 16) -> int:
@@ -219,12 +256,13 @@ def read_prompts(path, limit: int | None = None) -> list[str]:
     path = Path(path)
     prompts: list[str] = []
     if path.name.endswith(".txt"):
-        with _open_text(path) as f:
-            for line in f:
-                if limit is not None and len(prompts) >= limit:
-                    break
-                if line.strip():
-                    prompts.append(line.strip())
+        if not path.is_file():
+            raise MinicaiError(f"{path}: file not found (fix: check the path)")
+        for _, line in _lines(path):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if line.strip():
+                prompts.append(line.strip())
         return prompts
     if not path.name.endswith((".jsonl", ".jsonl.gz")):
         known = ", ".join(["donotanswer", *DEFAULT_PROMPTS])

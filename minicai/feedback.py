@@ -57,8 +57,33 @@ COT_CUE = "Let's think step by step:"
 # Where a sampled chain of thought is cut: the model has started answering, or started a new dialogue/question.
 COT_STOPS = ("The answer is", "\n\nHuman:", "\n\nAssistant:", INTRO)
 
-DEFAULT_HHH_FILE = SHARED_DIR / "data" / "cai-paper" / "438HHHEvaluations.jsonl"
+SHARED_HHH_FILE = SHARED_DIR / "data" / "cai-paper" / "438HHHEvaluations.jsonl"
 DEFAULT_COT_FILE = SHARED_DIR / "data" / "cai-paper" / "RLMadisonPrecogFewShotPrompts.json"  # the paper's CoT demos
+
+
+def _default_hhh_file() -> Path:
+    """../shared's copy when there is one, else the copy obtained into the cache (which may not exist yet)."""
+    from minicai.weights import BIGBENCH_HHH_NAME, data_dir
+
+    if SHARED_HHH_FILE.is_file():
+        return SHARED_HHH_FILE
+    paper, bigbench = data_dir() / "438HHHEvaluations.jsonl", data_dir() / BIGBENCH_HHH_NAME
+    return bigbench if bigbench.is_file() and not paper.is_file() else paper
+
+
+DEFAULT_HHH_FILE = _default_hhh_file()  # where a file already is; hhh_file() also obtains it
+
+
+def hhh_file(path=None) -> Path:
+    """The HHH evaluation file to read: `path` if given, else ../shared's copy, else the paper's file obtained on
+    first use into the cache (minicai.weights.obtain_hhh_file: GitHub, or BIG-bench's comparisons from PyPI)."""
+    if path is not None:
+        return Path(path)
+    if SHARED_HHH_FILE.is_file():
+        return SHARED_HHH_FILE
+    from minicai.weights import obtain_hhh_file
+
+    return obtain_hhh_file()
 _SPEAKERS = {"user": "Human", "assistant": "Assistant"}
 
 
@@ -368,10 +393,10 @@ def iter_hhh(path=None, limit: int | None = None, flag: str = "--file"):
     a MinicaiError that names the flag to fix. Callers check the fields they need."""
     from minicai.data import iter_jsonl
 
-    path = Path(path) if path is not None else DEFAULT_HHH_FILE
+    path = hhh_file(path)
     if not path.is_file():
         raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass {flag} pointing at the paper's "
-                           "438HHHEvaluations.jsonl; by default it is read from ../shared/data/cai-paper/)")
+                           "438HHHEvaluations.jsonl, or leave it out to obtain it on first use)")
     for count, (n, rec) in enumerate(iter_jsonl(path)):
         if limit is not None and count >= limit:
             return
@@ -381,7 +406,7 @@ def iter_hhh(path=None, limit: int | None = None, flag: str = "--file"):
 def read_hhh(path=None, limit: int | None = None) -> list[dict]:
     """The paper's 438HHHEvaluations.jsonl: records with "prompt" (ends in "The answer is:") and one answer each
     in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect}."""
-    path = Path(path) if path is not None else DEFAULT_HHH_FILE
+    path = hhh_file(path)
     records = []
     for n, rec in iter_hhh(path, limit, flag="--file"):
         ok = (isinstance(rec.get("prompt"), str) and isinstance(rec.get("corrects"), list)

@@ -67,6 +67,7 @@ from minicai.losses import (
     whiten,
 )
 from minicai.model import shared_prefix_length
+from minicai.run import check_finite
 from minicai.sampling import generate, left_pad, response_ids
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
@@ -441,6 +442,8 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             distributed.all_reduce_grads(policy_params)
             policy_scaler.unscale_(policy_opt)
             pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
+            check_finite("ppo", steps + 1, loss=pg_loss,  # NaN/inf: stop before the update (fp16: the scaler's job)
+                         grad_norm=None if policy_scaler.is_enabled() else pg_norm)
             policy_scaler.step(policy_opt)
             policy_scaler.update()
             policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
@@ -456,6 +459,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
             distributed.all_reduce_grads(value_params)
             value_scaler.unscale_(value_opt)
             vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
+            check_finite("ppo value", steps + 1, loss=vf_loss, grad_norm=None if value_scaler.is_enabled() else vf_norm)
             value_scaler.step(value_opt)
             value_scaler.update()
             value_opt.zero_grad(set_to_none=True)
@@ -780,6 +784,8 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0, am
                     step_sums[k] = step_sums.get(k, 0.0) + v
             scaler.unscale_(policy_opt)
             step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
+            check_finite("grpo", steps + 1, loss=step_sums["policy_loss"],  # NaN/inf: stop before the update
+                         grad_norm=None if scaler.is_enabled() else step_sums["policy_grad_norm"])
             scaler.step(policy_opt)
             scaler.update()
             policy_opt.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ import torch.nn as nn
 from minicai import MinicaiError, distributed, precision
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
+from minicai.run import check_finite
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -273,6 +274,8 @@ def train_preference_model(rm: RewardModel, tok, records: list[dict], config: PM
             distributed.all_reduce_grads(params)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
+            check_finite("pm", step + 1, loss=loss,  # NaN/inf: stop before the update (fp16: the scaler's job)
+                         grad_norm=None if scaler.is_enabled() else grad_norm)
             scaler.step(optimizer)
             scaler.update()
             step += 1

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from minicai import MinicaiError, distributed, precision
 from minicai.losses import sft_loss
+from minicai.run import check_finite
 
 
 @dataclass
@@ -273,6 +274,8 @@ def train_sft(model, train: list[Example], heldout: list[Example], cfg: SFTConfi
         loss_sum = distributed.total(loss_sum)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        check_finite("sft", step + 1, loss=loss_sum,  # NaN/inf: stop before the update (fp16: the scaler's job)
+                     grad_norm=None if scaler.is_enabled() else grad_norm)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -277,3 +277,27 @@ def test_sample_principles_is_reproducible_and_draws_with_replacement():
     assert sample_principles(principles, 0, random.Random(0)) == []
     with pytest.raises(MinicaiError):
         sample_principles([], 1, random.Random(0))
+
+
+def test_a_bare_paper_file_name_is_read_from_shared_or_downloaded(tmp_path, monkeypatch):
+    """`--constitution RLMadisonInstructions.json` works on any machine: ../shared's copy, else the paper's
+    repository (pinned, sha256-checked) through minicai.weights.paper_file."""
+    from minicai import weights
+    from minicai.constitution import load_comparison_examples, load_constitution, resolve_paper_name
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("minicai.data.SHARED_DIR", tmp_path / "no-shared")
+    fetched = []
+
+    def fake_paper_file(name):
+        fetched.append(name)
+        target = tmp_path / name
+        shot = {"prompt": "\n\nHuman: hi\n\nAssistant:", "corrects": [" Hello!"], "incorrects": [" Go away."]}
+        target.write_text(json.dumps(["Which response is less harmful?"] if "Instructions" in name else [shot]))
+        return target
+
+    monkeypatch.setattr(weights, "paper_file", fake_paper_file)
+    assert load_constitution("RLMadisonInstructions.json").comparisons[0].startswith("Which response")
+    assert load_comparison_examples("RLMadisonFewShotPrompts.json")[0].better == "Hello!"
+    assert fetched == ["RLMadisonInstructions.json", "RLMadisonFewShotPrompts.json"]
+    assert resolve_paper_name("other.json") == Path("other.json")  # not a paper file name: as given
