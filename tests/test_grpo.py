@@ -346,8 +346,12 @@ def test_train_rl_runs_and_resumes_with_group_advantages(tiny_model_dir, tmp_pat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
     # a PPO run cannot resume a checkpoint without a value model
+    gae_argv = [a for a in argv if a != advantage and a != "--advantage"] + ["--iterations", "4"]
+    with pytest.raises(MinicaiError, match=f"made with other settings \\(--advantage: '{advantage}' -> 'gae'\\)"):
+        train_rl.main(gae_argv)  # the run folder's settings record says so first
+    (out / "settings.json").unlink()  # without it (a folder from before settings records), the checkpoint says so
     with pytest.raises(MinicaiError, match="written by a run with --advantage grpo/rloo"):
-        train_rl.main([a for a in argv if a != advantage and a != "--advantage"] + ["--iterations", "4"])
+        train_rl.main(gae_argv)
 
 
 def test_train_rl_group_flags_in_help(capsys):
