@@ -35,15 +35,17 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if model_type not in SUPPORTED_ARCHITECTURES or any(a not in SUPPORTED_ARCHITECTURES.values() for a in archs):
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
         raise MinicaiError(f"{source}: unsupported model_type={model_type!r} architectures={archs!r}; "
-                           f"minicai supports {supported}. Use a Llama- or Qwen2-family checkpoint.")
+                           f"minicai supports {supported}. Fix: use a Llama- or Qwen2-family checkpoint.")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
-            raise MinicaiError(f"{source}: missing required key {key!r}; the file is not a complete HF config.")
+            raise MinicaiError(f"{source}: missing required key {key!r}; the file is not a complete HF config. "
+                               "Fix: use the model's own config.json")
     rope = hf.get("rope_parameters") or {}
     rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
     if hf.get("rope_scaling") or rope_type not in ("default", None):
-        raise MinicaiError(f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE).")
+        raise MinicaiError(f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE). "
+                           "Fix: use a model without rope scaling")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         vocab_size=hf["vocab_size"],
@@ -98,15 +100,16 @@ def _read_json(file: Path, what: str):
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise MinicaiError(f"{file}:{e.lineno}: invalid JSON ({e.msg}); {what}") from None
+        raise MinicaiError(f"{file}:{e.lineno}: invalid JSON ({e.msg}). Fix: {what}") from None
 
 
 def load_config(path) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
     file = Path(path) / "config.json"
     if not file.exists():
-        raise MinicaiError(f"{file}: not found; a model directory needs config.json (HF layout).")
-    return config_from_hf(_read_json(file, "fix or replace config.json"), source=str(file))
+        raise MinicaiError(f"{file}: not found; a model directory needs config.json (HF layout). Fix: pass --model "
+                           "DIR with a complete HF-layout model, or omit it for the default model")
+    return config_from_hf(_read_json(file, "repair or replace config.json"), source=str(file))
 
 
 def safetensors_files(path) -> list[Path]:
@@ -118,10 +121,11 @@ def safetensors_files(path) -> list[Path]:
         return [single]
     if not index.exists():
         raise MinicaiError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
-                           "weights are read; convert .bin checkpoints with transformers' save_pretrained).")
+                           "weights are read). Fix: convert .bin checkpoints with transformers' save_pretrained")
     weight_map = _read_json(index, "re-download or re-save the model").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise MinicaiError(f"{index}: no 'weight_map' (tensor name -> shard file); re-download or re-save the model")
+        raise MinicaiError(f"{index}: no 'weight_map' (tensor name -> shard file). Fix: re-download or re-save the "
+                           "model")
     files = []
     for shard in sorted(set(weight_map.values())):
         file = path / str(shard)
@@ -130,7 +134,7 @@ def safetensors_files(path) -> list[Path]:
                                "its own directory. Fix the weight_map or re-save the model.")
         if not file.is_file():
             raise MinicaiError(f"{index}: shard {shard!r} is missing ({file}); the download or copy is "
-                               "incomplete. Copy the missing shard or re-download the model.")
+                               "incomplete. Fix: copy the missing shard or re-download the model.")
         files.append(file)
     return files
 
@@ -149,17 +153,17 @@ def _read_tensors(file: Path, expected: dict, config: ModelConfig, dtype: torch.
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise MinicaiError(f"{file}: unexpected tensor {name!r} for a {config.model_type} model "
-                                       f"with {config.num_layers} layers (is config.json from the same model?)")
+                                       f"with {config.num_layers} layers. Fix: use the config.json of the same model")
                 t = f.get_tensor(name)
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise MinicaiError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies "
-                                       f"{tuple(expected[name].shape)}")
+                                       f"{tuple(expected[name].shape)}. Fix: use the config.json of the same model")
                 tensors[name] = t.to(dtype)
     except MinicaiError:
         raise
     except Exception as e:  # safetensors' SafetensorError, or an OSError for a file cut short
         raise MinicaiError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated "
-                           "or damaged. Re-download or re-convert the model (or rerun the stage that wrote it)."
+                           "or damaged. Fix: re-download or re-convert the model (or rerun the stage that wrote it)."
                            ) from None
     return tensors
 
@@ -184,7 +188,8 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu", fast: boo
     missing = sorted(set(expected) - set(tensors))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise MinicaiError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{more} in the safetensors file(s)")
+        raise MinicaiError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{more} in the safetensors file(s). "
+                           "Fix: re-download or re-save the model")
     model = model.to_empty(device=device).to(dtype)
     model.load_state_dict(tensors, strict=not config.tie_word_embeddings)
     if config.tie_word_embeddings:

@@ -888,11 +888,16 @@ def load_checkpoint(path, state: PPOState) -> PPOState:
         raise MinicaiError(f"{path / 'trainer_state.pt'}: cannot be read ({e}). Fix: delete {path} to resume "
                            "from the previous checkpoint, or start a fresh run with another --out.") from None
     device, dtype = state.policy.device, state.policy.dtype
+    policy = Transformer.from_pretrained(path / "policy", dtype=dtype, device=device)
+    missing = {"iteration", "beta", "policy_opt", "value_opt"} - set(trainer if isinstance(trainer, dict) else ())
+    if missing:
+        raise MinicaiError(f"{path / 'trainer_state.pt'}: no {', '.join(sorted(missing))} (not a checkpoint of "
+                           f"train_rl.py). Fix: delete {path} to resume from the previous checkpoint, or start a "
+                           "fresh run with another --out.")
     if (state.value_model is None) != (trainer["value_opt"] is None):
         written, now = ("gae", "grpo/rloo") if trainer["value_opt"] is not None else ("grpo/rloo", "gae")
         raise MinicaiError(f"{path} was written by a run with --advantage {written}; this run has --advantage {now}. "
                            f"Fix: resume with --advantage {written}, or start a fresh run with another --out.")
-    policy = Transformer.from_pretrained(path / "policy", dtype=dtype, device=device)
     with torch.no_grad():
         state.policy.load_state_dict(policy.state_dict())
     state.policy_opt.load_state_dict(trainer["policy_opt"])

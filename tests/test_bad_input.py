@@ -5,9 +5,6 @@ last line `error: ...` that names the file (and line) and says the fix, no trace
 output folder. To stay fast, one driver subprocess runs the whole table, calling each script's main() through
 minicai.run.cli_main exactly as `python train_sl.py ...` does; the two holes the issue found also run as real
 subprocesses (test_the_two_holes_as_real_commands).
-
-Cases marked CHECKPOINT_BRANCH are fixed by the branch that moves checkpoint I/O into minicai/checkpoint.py
-(xfail, not strict: flip them once it is merged).
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_BRANCH = pytest.mark.xfail(strict=False, reason="fixed in checkpoint.py branch")
 
 SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py", "hhh": "minicai/evaluate.py"}
 SL_TINY = ["--only", "generate", "--num-prompts", "1", "--num-helpful", "0", "--rounds", "1", "--num-examples", "0",
@@ -101,7 +97,7 @@ def case_table():
     def _(w, out):
         return sl(w, out, model=w["root"] / "no-such-model")
 
-    @case("model-config-not-json", "sl", ["config.json", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("model-config-not-json", "sl", ["config.json", "fix"])
     def _(w, out):
         return sl(w, out, model=damaged_model(w, "cfg-json", lambda d: write(d / "config.json", "{not json")))
 
@@ -113,14 +109,14 @@ def case_table():
             write(d / "config.json", json.dumps(cfg))
         return sl(w, out, model=damaged_model(w, "cfg-field", edit))
 
-    @case("weights-truncated", "sl", ["model.safetensors", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("weights-truncated", "sl", ["model.safetensors", "fix"])
     def _(w, out):
         def edit(d):
             data = (d / "model.safetensors").read_bytes()
             write(d / "model.safetensors", data[: len(data) // 2])
         return sl(w, out, model=damaged_model(w, "truncated", edit))
 
-    @case("weights-garbage", "sl", ["model.safetensors", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("weights-garbage", "sl", ["model.safetensors", "fix"])
     def _(w, out):
         return sl(w, out, model=damaged_model(w, "garbage", lambda d: write(d / "model.safetensors", b"\0junk" * 9)))
 
@@ -128,7 +124,7 @@ def case_table():
     def _(w, out):
         return sl(w, out, model=damaged_model(w, "noweights", lambda d: (d / "model.safetensors").unlink()))
 
-    @case("shard-index-names-missing-file", "sl", ["model-00002", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("shard-index-names-missing-file", "sl", ["model-00002", "fix"])
     def _(w, out):
         def edit(d):
             from safetensors import safe_open
@@ -139,7 +135,7 @@ def case_table():
                                                      for i, n in enumerate(names)}})
         return sl(w, out, model=damaged_model(w, "shard-missing", edit))
 
-    @case("shard-index-points-outside", "sl", ["model.safetensors.index.json", "outside"], marks=CHECKPOINT_BRANCH)
+    @case("shard-index-points-outside", "sl", ["model.safetensors.index.json", "outside"])
     def _(w, out):
         def edit(d):
             from safetensors import safe_open
@@ -149,7 +145,7 @@ def case_table():
                                                      "model-00001-of-00001.safetensors" for i, n in enumerate(names)}})
         return sl(w, out, model=damaged_model(w, "shard-outside", edit))
 
-    @case("shard-index-not-json", "sl", ["model.safetensors.index.json", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("shard-index-not-json", "sl", ["model.safetensors.index.json", "fix"])
     def _(w, out):
         def edit(d):
             shard(d, {})
@@ -282,7 +278,7 @@ def case_table():
         write(out / "checkpoints" / "iter_000001" / "trainer_state.pt", b"not a torch file")
         return argv
 
-    @case("resume-rl-policy-weights-damaged", "rl", ["model.safetensors", "fix"], marks=CHECKPOINT_BRANCH)
+    @case("resume-rl-policy-weights-damaged", "rl", ["model.safetensors", "fix"])
     def _(w, out):
         import torch
         argv = ["--model", str(w["model"]), "--pm", str(w["pm"]), "--out", str(out), *RL_TINY, "--iterations", "2",
@@ -486,7 +482,6 @@ def test_the_two_holes_as_real_commands(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
 
-@CHECKPOINT_BRANCH
 def test_truncated_weights_as_a_real_command(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     model = copy_model(tiny_model_dir, tmp_path / "model")

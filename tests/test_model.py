@@ -244,7 +244,7 @@ def test_damaged_safetensors_names_the_file_and_the_fix(tmp_path, damage):
     data = file.read_bytes()
     file.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 50,
                       "empty": b""}[damage])
-    with pytest.raises(MinicaiError, match=r"model\.safetensors: not a readable safetensors file.*Re-download"):
+    with pytest.raises(MinicaiError, match=r"model\.safetensors: not a readable safetensors file.*Fix: re-download"):
         Transformer.from_pretrained(path)
 
 
