@@ -22,9 +22,10 @@ prompt sets, and writes runs/report/{report.md, report.json, *.png}:
                 it measures toxic wording, not harm: a polite answer that helps with a crime scores low).
   RL curves     PM score and KL per PPO iteration, read from runs/rl/metrics.jsonl.
   KL, cost      side by side (pipeline.py --rl-methods): each model's KL to the --kl-reference model (the SL-CAI
-                model) on its own --kl-set responses (stats.kl_to_reference: the mean over responses of the summed
-                per-token log-ratio), and each trained method's wall time and peak memory from its stage's
-                cost.json (--cost NAME=FILE). The report plots mean PM score against that KL: the reward-KL frontier.
+                model) on its own responses to the --kl-set prompts, sampled at --kl-temperature 1
+                (stats.kl_to_reference: the mean over responses of the summed per-token log-ratio), and each
+                trained method's wall time and peak memory from its stage's cost.json (--cost NAME=FILE). The
+                report plots mean PM score against that KL: the reward-KL frontier.
 
 Three rooms: this file runs the evaluation (run_compare: a driver over one function per section); the statistics
 are pure functions in minicai/stats.py (hand-computed tests in tests/test_compare.py); report.md and the plots are
@@ -154,12 +155,13 @@ def cached_hhh(out: Path, key: str, compute) -> dict:
 
 def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]], out: Path, device, dtype,
                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
-                      seed: int = 0, fast: bool = True) -> dict[tuple[str, str], list[dict]]:
+                      seed: int = 0, fast: bool = True, filename: str = "responses.jsonl"
+                      ) -> dict[tuple[str, str], list[dict]]:
     """Each model's response to each prompt of each set -> {(model, set): [record per prompt]}.
 
-    Records are appended to out/responses.jsonl batch by batch; a record is reused when its model (fingerprint),
+    Records are appended to out/<filename> batch by batch; a record is reused when its model (fingerprint),
     prompt and sampling settings are the same as now, so an interrupted run continues where it stopped."""
-    path = out / "responses.jsonl"
+    path = out / filename
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "dtype": str(dtype).removeprefix("torch.")}
     if temperature > 0:
@@ -573,7 +575,9 @@ def judge_section(ev: Evaluation, responses: dict, hhh: dict) -> dict:
 
 def kl_section(ev: Evaluation, responses: dict) -> dict | None:
     """Each model's KL to the --kl-reference model (the SL-CAI model) on its own responses to the --kl-set prompts:
-    stats.kl_to_reference of the two models' per-token log-probs. Cached in kl_cache.json (keyed on both models'
+    stats.kl_to_reference of the two models' per-token log-probs. The responses are sampled at --kl-temperature
+    (default 1: y ~ pi, so the mean log-ratio estimates KL(pi || pi_ref); kl_responses.jsonl, resumable), or with
+    --kl-temperature 0 the evaluation's own responses are reused. Cached in kl_cache.json (keyed on both models'
     content and the responses)."""
     a = ev.args
     ref = a.kl_reference
@@ -584,6 +588,13 @@ def kl_section(ev: Evaluation, responses: dict) -> dict | None:
     kl_set = a.kl_set or next(iter(ev.prompt_sets))
     if kl_set not in ev.prompt_sets:
         raise MinicaiError(f"--kl-set {kl_set}: not one of the prompt sets {list(ev.prompt_sets)}")
+    if a.kl_temperature < 0:
+        raise MinicaiError(f"--kl-temperature {a.kl_temperature}: must be >= 0 (0: reuse the evaluation's responses)")
+    if a.kl_temperature > 0 and (a.kl_temperature != a.temperature or a.top_p != 1.0):  # else: reuse them
+        others = {m: d for m, d in ev.models.items() if m != ref}
+        responses = collect_responses(others, {kl_set: ev.prompt_sets[kl_set]}, ev.out, ev.device, ev.dtype,
+                                      a.max_new_tokens, a.kl_temperature, 1.0, a.gen_batch_size, a.seed, ev.fast,
+                                      filename="kl_responses.jsonl")
     path = ev.out / "kl_cache.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
     ref_fp = model_fingerprint(ev.models[ref])
@@ -601,7 +612,7 @@ def kl_section(ev: Evaluation, responses: dict) -> dict | None:
         for m in todo:
             cache[keys[m]] = kl_to_reference(logps[(m, m)], logps[(ref, m)])
         atomic_write_json(path, cache)
-    return {"reference": ref, "set": kl_set, "temperature": a.temperature,
+    return {"reference": ref, "set": kl_set, "temperature": a.kl_temperature or a.temperature,
             "models": {m: cache[keys[m]] for m in keys}}
 
 
@@ -730,6 +741,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none)")
     g.add_argument("--kl-set", default=None, metavar="SET",
                    help="the prompt set whose responses the KL is measured on (default: the first, red_team)")
+    g.add_argument("--kl-temperature", type=float, default=1.0,
+                   help="sampling temperature of the responses the KL is measured on: 1 = each model's own "
+                        "distribution (the KL estimate); 0 = reuse the evaluation's responses (default: 1)")
     g.add_argument("--cost", action="append", metavar="NAME=FILE",
                    help="a trained model's stage cost.json (wall time, peak memory); repeat per model")
     g.add_argument("--report-only", action="store_true",

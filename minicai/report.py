@@ -322,9 +322,9 @@ def side_by_side_reading(report: dict, models: list[str]) -> list[str]:
     elif not pm_h and not judge_h:
         cannot.append("how much signal the AI labels carry: the HHH accuracies were not measured in this run")
     if kl.get("models") and not kl.get("temperature"):
-        cannot.append("an unbiased KL: the responses are greedy, so the KL column is the log-ratio on each model's "
-                      "most likely response, not an average over samples (it can even be negative); pass "
-                      "--temperature 1 for the sampled estimate")
+        cannot.append("an unbiased KL: the KL responses are greedy, so the KL column is the log-ratio on each "
+                      "model's most likely response, not an average over samples (it can even be negative); pass "
+                      "--kl-temperature 1 for the sampled estimate")
     L += ["**What this comparison can show here:** " + "; ".join(can) + ".", ""]
     if cannot:
         L += ["**What it cannot show here:** " + "; ".join(cannot) + ".", ""]
@@ -350,7 +350,8 @@ def _side_by_side_section(report: dict, models: list[str], anchor: str) -> list[
          "SL-CAI model and the same PM stage). PM score means per prompt set; Elo over all sets ("
          + _judge_strength_short(report) + "); evasive share and mean P(toxic) on "
          f"{sets[0] if sets else '-'}; KL to `{ref or '-'}`: mean over the model's own responses to the "
-         f"{kl.get('set', '-')} prompts of the summed per-token log pi(y|x) - log pi_{ref or 'ref'}(y|x), in nats "
+         f"{kl.get('set', '-')} prompts (sampled at temperature {kl.get('temperature', '-')}) of the summed "
+         f"per-token log pi(y|x) - log pi_{ref or 'ref'}(y|x), in nats "
          "(stats.kl_to_reference; 95% interval), and per token; wall time and peak memory from the stage's "
          "cost.json (peak RSS of the training process; CUDA: max allocated).", ""]
     header = (["model", "method"] + [f"PM {s}" for s in sets] + [f"{c} Elo" for c in ("harmless", "helpful")]
@@ -367,7 +368,7 @@ def _side_by_side_section(report: dict, models: list[str], anchor: str) -> list[
                                                          if c.get("peak_cuda_mib") is not None else "")
         first = sets[0] if sets else None
         rows.append([f"`{m}`", METHOD_LABELS.get(m, m)]
-                    + [_fmt((pm[s].get(m) or {}).get("mean")) for s in sets]
+                    + [_fmt(((pm.get(s) or {}).get(m) or {}).get("mean")) for s in sets]
                     + [_fmt((elo.get(c_) or {}).get(m), 0) if "error" not in (elo.get(c_) or {}) else "-"
                        for c_ in ("harmless", "helpful")]
                     + [_fmt(((ev.get(first) or {}).get(m) or {}).get("share"), 2),

@@ -512,8 +512,10 @@ def test_response_token_logprobs_match_one_full_forward_per_response(tiny_model_
 
 
 def test_kl_and_cost_side_by_side_on_tiny_models(tiny_model_dir, tiny_setup, tmp_path):
-    """compare.py --kl-reference: each model's KL to the reference is kl_to_reference of its own responses' log-probs
-    under both models (a copy of the reference: exactly 0); --cost puts the stage's wall time and memory beside it."""
+    """compare.py --kl-reference: each model's KL to the reference is kl_to_reference of the log-probs of its own
+    responses sampled at temperature 1 (kl_responses.jsonl) under both models (a copy of the reference: exactly 0);
+    --kl-temperature 0 reuses the greedy evaluation responses; --cost puts the stage's wall time and memory beside
+    it."""
     import shutil
 
     from minicai.run import load_model_and_tokenizer
@@ -532,7 +534,8 @@ def test_kl_and_cost_side_by_side_on_tiny_models(tiny_model_dir, tiny_setup, tmp
     kl = report["kl"]
     assert kl["reference"] == "sl" and kl["set"] == "red_team" and sorted(kl["models"]) == ["b", "c"]
     assert kl["models"]["c"]["mean"] == 0.0  # same weights as the reference: every log-ratio is exactly 0
-    recs = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (out / "kl_responses.jsonl").read_text().splitlines()]
+    assert sorted({r["model"] for r in recs}) == ["b", "c"] and all(r["temperature"] == 1.0 for r in recs)
     b_red = [r for r in recs if r["model"] == "b" and r["set"] == "red_team"]
     logps = {}
     for name, d in (("b", tiny_setup["other"]), ("sl", tiny_model_dir)):
@@ -553,6 +556,20 @@ def test_kl_and_cost_side_by_side_on_tiny_models(tiny_model_dir, tiny_setup, tmp
                           "--out", str(out), "--threads", "1", "--rl-metrics", "none", "--revisions", "none",
                           "--kl-reference", "sl"])
     assert again["kl"]["models"]["b"] == kl["models"]["b"]
+    greedy = compare.main([f"sl={tiny_model_dir}", f"b={tiny_setup['other']}", "--pm", "none", "--judge", "none",
+                           "--no-hhh", "--no-toxicity", "--limit", "2", "--max-new-tokens", "4", "--out", str(out),
+                           "--threads", "1", "--rl-metrics", "none", "--revisions", "none", "--kl-reference", "sl",
+                           "--kl-temperature", "0"])
+    b_greedy = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    b_greedy = [r for r in b_greedy if r["model"] == "b" and r["set"] == "red_team"]
+    assert len(b_greedy) == 2 and all(r["temperature"] == 0.0 for r in b_greedy)
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), "cpu", torch.float32)
+    ref_greedy = compare.response_token_logprobs(model.eval(), tok, b_greedy)
+    model, tok, _ = load_model_and_tokenizer(str(tiny_setup["other"]), "cpu", torch.float32)
+    own_greedy = compare.response_token_logprobs(model.eval(), tok, b_greedy)
+    assert greedy["kl"]["models"]["b"]["mean"] == pytest.approx(kl_to_reference(own_greedy, ref_greedy)["mean"],
+                                                                abs=1e-6)
+    assert "responses are greedy" in (out / "report.md").read_text()
     with pytest.raises(MinicaiError, match="--kl-reference xx"):
         compare.main([f"sl={tiny_model_dir}", "--judge", "none", "--no-hhh", "--no-toxicity", "--pm", "none",
                       "--limit", "1", "--max-new-tokens", "2", "--out", str(out), "--kl-reference", "xx"])
