@@ -169,7 +169,7 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
     """The flags of one stage: who reads which model, the common flags, the preset, then the user's extras."""
     extra = shlex.split(getattr(args, f"{stage}_args"))
     preset = PRESETS[args.preset][stage]
-    sl_model, pm_model, rl_model = out / "sl" / "model", out / "pm" / "model", out / "rl" / "model"
+    sl_model, pm_model = out / "sl" / "model", out / "pm" / "model"
     method_stages = [RL_METHODS[m] for m in getattr(args, "rl_methods", ["ppo"])]
     if stage == "sl":
         wiring = ["--model", model, "--out", str(out / "sl")]
@@ -186,7 +186,7 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
         costs = [f"{name}={out / name / 'cost.json'}" for name, _ in found
                  if name != "sl" and ((out / name / "cost.json").is_file() or args.dry_run)]
         has_pm = (pm_model / "reward_head.safetensors").is_file() or args.dry_run
-        has_rl = (out / "rl" / "metrics.jsonl").is_file() or args.dry_run
+        has_rl = "rl" in method_stages and ((out / "rl" / "metrics.jsonl").is_file() or args.dry_run)
         revisions = out / "sl" / "revisions.jsonl"
         has_rev = revisions.is_file() or args.dry_run
         wiring = models + ["--pm", str(pm_model) if has_pm else "none", "--judge", model, "--feedback-model", model,
