@@ -14,6 +14,15 @@ Stages, each a script run as a subprocess with this same Python (so one stage's 
   eval  minicai/compare.py (in this process): initial vs SL-CAI vs RL-CAI on the held-out prompt sets
                                                                                             -> <out>/report/report.md
 
+--rl-methods ppo,dpo,grpo,rloo (any subset; default ppo) makes the rl stage train each method from the same SL-CAI
+model and the same PM stage, each into its own folder, and the evaluation compares them side by side (with each
+method's KL to the SL-CAI model, wall time and peak memory from its cost.json, and the reward-KL frontier plot):
+  ppo   train_rl.py                      PPO against the PM (the paper's RL-CAI)            -> <out>/rl/model
+  dpo   train_dpo.py                     DPO on the PM stage's pairs.jsonl + labels.jsonl    -> <out>/dpo/model
+  grpo  train_rl.py --advantage grpo     group-normalised advantages against the PM          -> <out>/grpo/model
+  rloo  train_rl.py --advantage rloo     leave-one-out advantages against the PM             -> <out>/rloo/model
+--dpo-args/--grpo-args/--rloo-args add flags to those stages as --rl-args does to ppo.
+
 Rerunning continues where a run stopped: a stage whose <out>/<stage>/model/done.json exists is skipped, and the
 others are started again with the same flags and resume from their own files (revisions.jsonl, pairs.jsonl,
 labels.jsonl, RL checkpoints, responses.jsonl). To redo a stage, delete its folder.
@@ -42,13 +51,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 STAGES = ("sl", "pm", "rl", "eval")
-SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py"}
+SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py", "dpo": "train_dpo.py",
+           "grpo": "train_rl.py", "rloo": "train_rl.py"}
+# --rl-methods: the stage (and run folder) that trains each method; "rl" is PPO, as in the paper's RL-CAI.
+RL_METHODS = {"ppo": "rl", "dpo": "dpo", "grpo": "grpo", "rloo": "rloo"}
+METHOD_STAGES = ("dpo", "grpo", "rloo")  # the stages beside rl; each has its own PRESETS entry and --X-args
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "cpu": {
         "sl": [],
         "pm": [],
         "rl": [],
+        "dpo": [],
+        "grpo": ["--advantage", "grpo"],
+        "rloo": ["--advantage", "rloo"],
         "eval": ["--limit", "16", "--hhh-limit", "100"],
     },
     "gpu": {
@@ -60,6 +76,11 @@ PRESETS: dict[str, dict[str, list[str]]] = {
                "--label-batch-size", "32", "--pm-batch-size", "16", "--pm-max-len", "512", "--eval-pairs", "48"],
         "rl": ["--iterations", "200", "--batch-size", "64", "--minibatch-size", "16", "--max-new-tokens", "128",
                "--pm-batch-size", "32", "--save-every", "10"],
+        "dpo": ["--epochs", "2", "--batch-size", "16", "--max-len", "512", "--lr", "1e-6", "--eval-pairs", "48"],
+        "grpo": ["--advantage", "grpo", "--group-size", "8", "--iterations", "200", "--batch-size", "64",
+                 "--minibatch-size", "16", "--max-new-tokens", "128", "--pm-batch-size", "32", "--save-every", "10"],
+        "rloo": ["--advantage", "rloo", "--group-size", "8", "--iterations", "200", "--batch-size", "64",
+                 "--minibatch-size", "16", "--max-new-tokens", "128", "--pm-batch-size", "32", "--save-every", "10"],
         "eval": ["--limit", "60", "--max-new-tokens", "192", "--gen-batch-size", "32", "--judge-batch-size", "32",
                  "--pm-batch-size", "32"],
     },
@@ -70,6 +91,13 @@ PRESETS: dict[str, dict[str, list[str]]] = {
                "--fewshot-count", "0", "--pm-max-len", "512"],
         "rl": ["--iterations", "2", "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "6",
                "--ppo-epochs", "1", "--max-prompts", "4", "--max-prompt-tokens", "4096", "--save-every", "1"],
+        "dpo": ["--steps", "2", "--batch-size", "1", "--eval-pairs", "1", "--max-len", "512", "--save-every", "1"],
+        "grpo": ["--advantage", "grpo", "--group-size", "2", "--iterations", "2", "--batch-size", "4",
+                 "--minibatch-size", "2", "--max-new-tokens", "6", "--ppo-epochs", "1", "--max-prompts", "4",
+                 "--max-prompt-tokens", "4096", "--save-every", "1"],
+        "rloo": ["--advantage", "rloo", "--group-size", "2", "--iterations", "2", "--batch-size", "4",
+                 "--minibatch-size", "2", "--max-new-tokens", "6", "--ppo-epochs", "1", "--max-prompts", "4",
+                 "--max-prompt-tokens", "4096", "--save-every", "1"],
         "eval": ["--limit", "2", "--max-new-tokens", "6", "--hhh-limit", "2", "--samples", "1", "--no-toxicity"],
     },
 }
@@ -91,10 +119,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads, passed to every stage")
     p.add_argument("--stages", default=",".join(STAGES),
                    help="comma-separated subset of sl,pm,rl,eval to run (default: all, in order)")
-    for stage in STAGES:
+    for stage in STAGES + METHOD_STAGES:
         p.add_argument(f"--{stage}-args", default="", metavar="FLAGS",
                        help=f"extra flags for the {stage} stage as one quoted string, e.g. --{stage}-args='--seed 1' "
                             "(appended after the preset's, so they win)")
+    p.add_argument("--rl-methods", default="ppo", metavar="METHODS",
+                   help="comma-separated subset of ppo,dpo,grpo,rloo trained by the rl stage, each from the same "
+                        "SL-CAI model and PM stage into <out>/rl (ppo), <out>/dpo, <out>/grpo, <out>/rloo, and "
+                        "compared side by side by the eval stage (default: ppo)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="processes per training stage (sl, pm, rl), started with torchrun: one per GPU, or per group "
                         "of CPU cores (gloo); the data generation runs in the first process (default: 1, no torchrun)")
@@ -106,7 +138,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         p.error(f"--stages {args.stages}: choose from {','.join(STAGES)}")
-    args.stages = [s for s in STAGES if s in stages]
+    methods = [m.strip() for m in args.rl_methods.split(",") if m.strip()]
+    if not methods or any(m not in RL_METHODS for m in methods):
+        p.error(f"--rl-methods {args.rl_methods}: choose from {','.join(RL_METHODS)}")
+    args.rl_methods = [m for m in RL_METHODS if m in methods]
+    # the rl stage expands into one stage per method, in RL_METHODS order
+    method_stages = [RL_METHODS[m] for m in args.rl_methods]
+    args.stages = [t for s in STAGES if s in stages for t in (method_stages if s == "rl" else [s])]
     if args.nproc_per_node < 1:
         p.error("--nproc-per-node must be >= 1")
     return args
@@ -158,18 +196,24 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
     """The flags of one stage: who reads which model, the common flags, the preset, then the user's extras."""
     extra = shlex.split(getattr(args, f"{stage}_args"))
     preset = PRESETS[args.preset][stage]
-    sl_model, pm_model, rl_model = out / "sl" / "model", out / "pm" / "model", out / "rl" / "model"
+    sl_model, pm_model = out / "sl" / "model", out / "pm" / "model"
+    method_stages = [RL_METHODS[m] for m in getattr(args, "rl_methods", ["ppo"])]
     if stage == "sl":
         wiring = ["--model", model, "--out", str(out / "sl")]
     elif stage == "pm":  # the SL-CAI model samples the pairs; the initial model labels them (the feedback model)
         wiring = ["--model", model, "--policy", str(sl_model), "--out", str(out / "pm")]
-    elif stage == "rl":  # the SL-CAI model is the initial policy and the KL reference
-        wiring = ["--model", str(sl_model), "--pm", str(pm_model), "--out", str(out / "rl")]
-    else:  # initial vs SL-CAI vs RL-CAI, judged by the initial model (the feedback model)
-        models = [f"initial={model}"] + [f"{name}={d}" for name, d in (("sl", sl_model), ("rl", rl_model))
-                                         if (d / "config.json").is_file() or args.dry_run]
+    elif stage in ("rl", "grpo", "rloo"):  # the SL-CAI model is the initial policy and the KL reference
+        wiring = ["--model", str(sl_model), "--pm", str(pm_model), "--out", str(out / stage)]
+    elif stage == "dpo":  # the SL-CAI model is the initial policy and the reference; the PM stage's labelled pairs
+        wiring = ["--model", str(sl_model), "--data", str(out / "pm"), "--out", str(out / "dpo")]
+    else:  # initial vs SL-CAI vs each RL method, judged by the initial model (the feedback model)
+        found = [(name, out / name / "model") for name in ["sl"] + method_stages]
+        found = [(name, d) for name, d in found if (d / "config.json").is_file() or args.dry_run]
+        models = [f"initial={model}"] + [f"{name}={d}" for name, d in found]
+        costs = [f"{name}={out / name / 'cost.json'}" for name, _ in found
+                 if name != "sl" and ((out / name / "cost.json").is_file() or args.dry_run)]
         has_pm = (pm_model / "reward_head.safetensors").is_file() or args.dry_run
-        has_rl = (out / "rl" / "metrics.jsonl").is_file() or args.dry_run
+        has_rl = "rl" in method_stages and ((out / "rl" / "metrics.jsonl").is_file() or args.dry_run)
         revisions = out / "sl" / "revisions.jsonl"
         has_rev = revisions.is_file() or args.dry_run
         wiring = models + ["--pm", str(pm_model) if has_pm else "none", "--judge", model, "--feedback-model", model,
@@ -181,6 +225,9 @@ def stage_argv(stage: str, args, model: str, out: Path) -> list[str]:
             from minicai.feedback import hhh_file  # ../shared's copy, else obtained once into the cache
 
             wiring += ["--hhh-file", str(hhh_file())]
+        wiring += [flag for c in costs for flag in ("--cost", c)]
+        if any(name == "sl" for name, _ in found) and len(found) > 1:
+            wiring += ["--kl-reference", "sl"]
     return wiring + common_flags(args) + preset + extra
 
 
@@ -189,6 +236,12 @@ def launcher(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def stage_nproc(stage: str, nproc: int) -> int:
+    """Processes for a stage: --nproc-per-node for sl, pm and rl (PPO); train_dpo.py and train_rl.py's group
+    advantages (grpo, rloo) run in one process."""
+    return 1 if stage in METHOD_STAGES else nproc
 
 
 def run_stage(stage: str, argv: list[str], nproc: int = 1) -> None:
@@ -231,7 +284,7 @@ def main(argv=None) -> dict:
     for stage in args.stages:
         argv_stage = stage_argv(stage, args, model, out)
         shown = ("python -m minicai.compare" if stage == "eval" else
-                 f"{shlex.join(launcher(args.nproc_per_node))} {SCRIPTS[stage]}")
+                 f"{shlex.join(launcher(stage_nproc(stage, args.nproc_per_node)))} {SCRIPTS[stage]}")
         line = f"{shown} {shlex.join(argv_stage)}"
         if stage_done(stage, out, argv_stage):
             print(f"== {stage}: finished ({out / stage / 'model' / 'done.json'}); reusing it")
@@ -242,7 +295,7 @@ def main(argv=None) -> dict:
             log["stages"].append({"stage": stage, "status": "dry-run", "command": line})
             continue
         t0 = time.time()
-        run_stage(stage, argv_stage, args.nproc_per_node)
+        run_stage(stage, argv_stage, stage_nproc(stage, args.nproc_per_node))
         log["stages"].append({"stage": stage, "status": "ran", "command": line,
                               "seconds": round(time.time() - t0, 1)})
         atomic_write_json(out / "pipeline.json", log)

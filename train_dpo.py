@@ -516,7 +516,7 @@ def main(argv=None) -> None:
     cfg = dpo_config(args)
     out = Path(args.out)
     if args.force:
-        for name in ("model", "checkpoints", "metrics.jsonl", "summary.json"):
+        for name in ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -531,6 +531,7 @@ def main(argv=None) -> None:
     records = read_labelled_pairs(Path(args.data))
     out = run.start_run(args, out)
     t0 = time.perf_counter()
+    run_had_checkpoint = latest_checkpoint(out / "checkpoints") is not None  # resumed: cost.json adds up sessions
 
     # The SL-CAI model is the initial policy and, frozen, the reference.
     weight_dtype, autocast = precision(device, dtype)
@@ -551,12 +552,14 @@ def main(argv=None) -> None:
                    config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1))
     save_final(policy, tok, out / "model", summary)
     run.atomic_write_json(out / "summary.json", summary)
+    cost = run.write_cost(out, time.perf_counter() - t0, device, resumed=run_had_checkpoint)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ is complete: nothing left to resume
     after = summary["held_out"]["after"]
     if after:
         print(f"held-out: accuracy {after['accuracy']:.3f} (ties wrong), reward margin {after['reward_margin']:.3g}, "
               f"mean log pi/pi_ref {after['log_ratio_mean']:.3f}")
-    print(f"policy saved to {out / 'model'}; summary -> {out / 'summary.json'} ({summary['seconds']:.0f}s)")
+    print(f"policy saved to {out / 'model'}; summary -> {out / 'summary.json'} ({summary['seconds']:.0f}s, peak RSS "
+          f"{cost['peak_rss_mib']:.0f} MiB -> cost.json)")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,7 +48,8 @@ from minicai.ppo import (
     score_with_pm,
 )
 from minicai.reward import load_reward_model
-from minicai.run import add_common_args, cli_main, load_model_and_tokenizer, log_metrics, save_model, setup, start_run
+from minicai.run import add_common_args, cli_main, load_model_and_tokenizer, log_metrics, save_model, setup, \
+    start_run, write_cost
 
 DEFAULTS = PPOConfig()
 
@@ -194,6 +196,7 @@ def main(argv=None) -> None:
     if args.save_every < 1 or args.iterations < 1 or not 0 <= args.red_team_fraction <= 1:
         raise MinicaiError("--save-every and --iterations must be >= 1 and --red-team-fraction in [0, 1]")
     out = start_run(args, args.out)
+    t_start = time.perf_counter()
     checkpoints = out / "checkpoints"
     last = latest_checkpoint(checkpoints)
     finished = last is not None and int(last.name.split("_")[1]) >= args.iterations
@@ -286,7 +289,9 @@ def main(argv=None) -> None:
 
     if main:
         save_model(state.policy, tok, out / "model")
-        print(f"policy saved to {out / 'model'}")
+        cost = write_cost(out, time.perf_counter() - t_start, device, resumed=last is not None)
+        print(f"policy saved to {out / 'model'}; {cost['seconds']:.0f}s, peak RSS {cost['peak_rss_mib']:.0f} MiB "
+              "-> cost.json")
     distributed.barrier()
 
 

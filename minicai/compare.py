@@ -21,6 +21,11 @@ prompt sets, and writes runs/report/{report.md, report.json, *.png}:
   toxicity      an independent signal: alt-profanity-check's probability of offensive language (optional package;
                 it measures toxic wording, not harm: a polite answer that helps with a crime scores low).
   RL curves     PM score and KL per PPO iteration, read from runs/rl/metrics.jsonl.
+  KL, cost      side by side (pipeline.py --rl-methods): each model's KL to the --kl-reference model (the SL-CAI
+                model) on its own responses to the --kl-set prompts, sampled at --kl-temperature 1
+                (stats.kl_to_reference: the mean over responses of the summed per-token log-ratio), and each
+                trained method's wall time and peak memory from its stage's cost.json (--cost NAME=FILE). The
+                report plots mean PM score against that KL: the reward-KL frontier.
 
 Three rooms: this file runs the evaluation (run_compare: a driver over one function per section); the statistics
 are pure functions in minicai/stats.py (hand-computed tests in tests/test_compare.py); report.md and the plots are
@@ -52,8 +57,8 @@ from minicai.report import print_summary, resolve_shown, shown_path, write_repor
 from minicai.reward import load_reward_model, pad_batch, score_conversations
 from minicai.run import add_common_args, atomic_write_json, load_model_and_tokenizer, setup
 from minicai.sampling import generate, response_ids
-from minicai.stats import evasive_reason, evasiveness, mean_ci, summarise_judgments, toxicity_summary, \
-    wilson_interval
+from minicai.stats import evasive_reason, evasiveness, kl_to_reference, mean_ci, summarise_judgments, \
+    toxicity_summary, wilson_interval
 from minicai.weights import resolve_model
 
 # The judge's two questions. Fixed (not drawn from constitution.txt) so that every pair of models is judged under the
@@ -150,12 +155,13 @@ def cached_hhh(out: Path, key: str, compute) -> dict:
 
 def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]], out: Path, device, dtype,
                       max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
-                      seed: int = 0, fast: bool = True) -> dict[tuple[str, str], list[dict]]:
+                      seed: int = 0, fast: bool = True, filename: str = "responses.jsonl"
+                      ) -> dict[tuple[str, str], list[dict]]:
     """Each model's response to each prompt of each set -> {(model, set): [record per prompt]}.
 
-    Records are appended to out/responses.jsonl batch by batch; a record is reused when its model (fingerprint),
+    Records are appended to out/<filename> batch by batch; a record is reused when its model (fingerprint),
     prompt and sampling settings are the same as now, so an interrupted run continues where it stopped."""
-    path = out / "responses.jsonl"
+    path = out / filename
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
                 "dtype": str(dtype).removeprefix("torch.")}
     if temperature > 0:
@@ -187,7 +193,8 @@ def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]]
                         rec = {"model": name, "set": s, "index": i, "key": keys[s][i],
                                "model_dir": shown_path(model_dir, out), "prompt": prompts[i],
                                "response": tok.decode(response_ids(gen, r, tok.stop_ids)).strip(),
-                               "finished": bool(gen.finished[r]), "tokens": int(gen.mask[r].sum()), **settings}
+                               "finished": bool(gen.finished[r]), "tokens": int(gen.mask[r].sum()),
+                               "token_ids": gen.tokens[r][gen.mask[r].bool()].tolist(), **settings}
                         append_jsonl(path, rec)
                         cache[(name, s, i, rec["key"])] = rec
                     bar.update(len(rows))
@@ -198,6 +205,30 @@ def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]]
         for s in prompt_sets:
             result[(name, s)] = [cache[(name, s, i, k)] for i, k in enumerate(keys[s])]
     return result
+
+
+def response_token_logprobs(model, tok, records: list[dict], batch_size: int = 8) -> list[list[float]]:
+    """log pi(y_t | x, y_<t) of every response token of each record under `model` (temperature 1: the model's own
+    distribution) -> [per-token list per record]. The tokens are the record's sampled token_ids (with the stop
+    token when the response finished); a record cached before token_ids were stored is re-encoded from its text."""
+    from minicai.ppo import policy_logprobs
+    from minicai.sampling import left_pad
+
+    out = []
+    device = next(model.parameters()).device
+    for b in range(0, len(records), batch_size):
+        chunk = records[b : b + batch_size]
+        prompts = [tok.render([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True) for r in chunk]
+        resp = [list(r["token_ids"]) if "token_ids" in r else tok.encode(r["response"]) for r in chunk]
+        width = max(1, max(len(y) for y in resp))
+        p_ids, p_mask = left_pad(prompts, tok.pad_id, device)  # [B, P]
+        r_ids = torch.tensor([y + [tok.pad_id] * (width - len(y)) for y in resp], device=device)  # [B, N]
+        r_mask = torch.tensor([[1] * len(y) + [0] * (width - len(y)) for y in resp], device=device)
+        ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask.to(r_mask.dtype), r_mask], 1)  # [B, P + N]
+        with torch.no_grad():
+            logp, _ = policy_logprobs(model, ids, mask, p_ids.shape[1], 1.0)  # [B, N]
+        out += [logp[i, : len(y)].double().tolist() for i, y in enumerate(resp)]
+    return out
 
 
 # =====================================================================================================================
@@ -542,6 +573,61 @@ def judge_section(ev: Evaluation, responses: dict, hhh: dict) -> dict:
     return report
 
 
+def kl_section(ev: Evaluation, responses: dict) -> dict | None:
+    """Each model's KL to the --kl-reference model (the SL-CAI model) on its own responses to the --kl-set prompts:
+    stats.kl_to_reference of the two models' per-token log-probs. The responses are sampled at --kl-temperature
+    (default 1: y ~ pi, so the mean log-ratio estimates KL(pi || pi_ref); kl_responses.jsonl, resumable), or with
+    --kl-temperature 0 the evaluation's own responses are reused. Cached in kl_cache.json (keyed on both models'
+    content and the responses)."""
+    a = ev.args
+    ref = a.kl_reference
+    if ref is None or ref.lower() == "none":
+        return None
+    if ref not in ev.models:
+        raise MinicaiError(f"--kl-reference {ref}: not one of the models {ev.names} (fix: name one of them, or none)")
+    kl_set = a.kl_set or next(iter(ev.prompt_sets))
+    if kl_set not in ev.prompt_sets:
+        raise MinicaiError(f"--kl-set {kl_set}: not one of the prompt sets {list(ev.prompt_sets)}")
+    if a.kl_temperature < 0:
+        raise MinicaiError(f"--kl-temperature {a.kl_temperature}: must be >= 0 (0: reuse the evaluation's responses)")
+    if a.kl_temperature > 0 and (a.kl_temperature != a.temperature or a.top_p != 1.0):  # else: reuse them
+        others = {m: d for m, d in ev.models.items() if m != ref}
+        responses = collect_responses(others, {kl_set: ev.prompt_sets[kl_set]}, ev.out, ev.device, ev.dtype,
+                                      a.max_new_tokens, a.kl_temperature, 1.0, a.gen_batch_size, a.seed, ev.fast,
+                                      filename="kl_responses.jsonl")
+    path = ev.out / "kl_cache.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    ref_fp = model_fingerprint(ev.models[ref])
+    keys = {m: _digest("kl", model_fingerprint(d), ref_fp, [r["key"] for r in responses[(m, kl_set)]])
+            for m, d in ev.models.items() if m != ref}
+    todo = [m for m in keys if keys[m] not in cache]
+    if todo:
+        logps = {}
+        for m in todo + [ref]:  # each model's log-probs of its own responses, then the reference's of all of them
+            model, tok, _ = load_model_and_tokenizer(str(ev.models[m]), ev.device, ev.dtype, ev.fast)
+            model.eval()
+            for n in (todo if m == ref else [m]):
+                logps[(m, n)] = response_token_logprobs(model, tok, responses[(n, kl_set)], a.gen_batch_size)
+            del model
+        for m in todo:
+            cache[keys[m]] = kl_to_reference(logps[(m, m)], logps[(ref, m)])
+        atomic_write_json(path, cache)
+    return {"reference": ref, "set": kl_set, "temperature": a.kl_temperature or a.temperature,
+            "models": {m: cache[keys[m]] for m in keys}}
+
+
+def cost_section(ev: Evaluation) -> dict:
+    """Wall time and peak memory per trained method, from each stage's cost.json (--cost NAME=FILE)."""
+    costs = {}
+    for spec in ev.args.cost or []:
+        name, file = parse_named(spec, "--cost")
+        if not Path(file).is_file():
+            ev.notes.append(f"--cost {spec}: {file} not found; no wall time or memory for {name}")
+            continue
+        costs[name] = {"file": shown_path(Path(file), ev.out), **json.loads(Path(file).read_text())}
+    return costs
+
+
 def rl_section(ev: Evaluation) -> tuple[dict | None, list[dict]]:
     """The RL curves' first and last iteration (and all records, for the plot)."""
     a = ev.args
@@ -572,6 +658,8 @@ def run_compare(args) -> dict:
     report["pm"] = pm_section(ev, responses, report["hhh"])
     report["judge"] = judge_section(ev, responses, report["hhh"])
     report["rl"], rl_records = rl_section(ev)
+    report["kl"] = kl_section(ev, responses)
+    report["cost"] = cost_section(ev)
     report["notes"] = ev.notes
     report["seconds"] = round(time.time() - t0, 1)
     write_report(report, ev.out, rl_records)
@@ -647,6 +735,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-toxicity", action="store_true", help="skip the alt-profanity-check toxicity scores")
     g.add_argument("--rl-metrics", default=None,
                    help="train_rl.py's metrics.jsonl for the RL curves, or 'none' (default: runs/rl/metrics.jsonl)")
+    g = p.add_argument_group("side by side (pipeline.py --rl-methods)")
+    g.add_argument("--kl-reference", default=None, metavar="NAME",
+                   help="the model every other model's KL is measured to (the SL-CAI model: sl), or none "
+                        "(default: none)")
+    g.add_argument("--kl-set", default=None, metavar="SET",
+                   help="the prompt set whose responses the KL is measured on (default: the first, red_team)")
+    g.add_argument("--kl-temperature", type=float, default=1.0,
+                   help="sampling temperature of the responses the KL is measured on: 1 = each model's own "
+                        "distribution (the KL estimate); 0 = reuse the evaluation's responses (default: 1)")
+    g.add_argument("--cost", action="append", metavar="NAME=FILE",
+                   help="a trained model's stage cost.json (wall time, peak memory); repeat per model")
     g.add_argument("--report-only", action="store_true",
                    help="only re-render report.md and the plots from --out/report.json")
 

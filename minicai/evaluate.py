@@ -3,7 +3,9 @@
   compare  initial vs SL-CAI vs RL-CAI (or any models) on held-out prompt sets: PM scores, judged win rates and
            Elo (both orders), evasiveness, toxicity, judge strength; writes runs/report/report.md + plots
            (minicai/compare.py runs it, minicai/stats.py holds the statistics, minicai/report.py writes the report;
-           the paper's Figures 2, 5 and 8 at small scale)
+           the paper's Figures 2, 5 and 8 at small scale); with --kl-reference sl and --cost NAME=FILE it also puts
+           each model's KL to the SL-CAI model and each method's wall time and peak memory side by side
+           (pipeline.py --rl-methods ppo,dpo,grpo)
   hhh   accuracy on the paper's 438 helpful/honest/harmless binary comparisons (Bai et al. 2022, Figure 4), asked
         as multiple-choice questions and scored with the same code as the AI-feedback labels (minicai/feedback.py).
 

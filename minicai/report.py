@@ -260,6 +260,128 @@ def _rl_section(report: dict, models: list[str], anchor: str) -> list[str]:
     return L
 
 
+# The side-by-side table names the pipeline's run folders (pipeline.py RL_METHODS) by what trained them.
+METHOD_LABELS = {"initial": "initial", "sl": "SL-CAI", "rl": "RL-CAI (PPO)", "ppo": "RL-CAI (PPO)", "dpo": "DPO",
+                 "grpo": "GRPO", "rloo": "RLOO"}
+
+
+def _overlaps(a: dict, b: dict) -> bool | None:
+    """Whether two mean_ci intervals overlap (None when either has no interval)."""
+    if a.get("ci_low") is None or b.get("ci_low") is None:
+        return None
+    return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
+
+
+def _chance(h: dict | None, key: str = "accuracy") -> str | None:
+    """'near chance' / 'above chance' for an HHH accuracy from its interval, None when not measured."""
+    if not h or h.get(key) is None:
+        return None
+    low, high = (h.get("debiased_ci_low"), h.get("debiased_ci_high")) if key == "debiased_accuracy" else \
+        (h.get("ci_low"), h.get("ci_high"))
+    return "near chance" if low is not None and low <= 0.5 <= high else ("above chance" if h[key] > 0.5 else
+                                                                          "below chance")
+
+
+def side_by_side_reading(report: dict, models: list[str]) -> list[str]:
+    """What this run's comparison can and cannot show, computed from its own numbers (not a fixed text)."""
+    kl, cost = report.get("kl") or {}, report.get("cost") or {}
+    ref = kl.get("reference", "sl")
+    methods = [m for m in models if m in cost or (m in (kl.get("models") or {}) and m != "initial")]
+    L = []
+    can = ["each method's wall time and peak memory on this machine (measured, independent of label quality)"]
+    if kl.get("models"):
+        can.append(f"how far each method moved from `{ref}` (the KL column)")
+    cannot = []
+    pm = (report.get("pm") or {}).get("scores") or {}
+    kl_set = kl.get("set") or next(iter(pm), None)
+    scores = pm.get(kl_set, {})
+    if scores.get(ref) and methods:
+        same = [m for m in methods if scores.get(m) and _overlaps(scores[m], scores[ref])]
+        apart = [m for m in methods if scores.get(m) and _overlaps(scores[m], scores[ref]) is False]
+        n = scores[ref]["n"]
+        if apart:
+            can.append("that " + ", ".join(f"`{m}`" for m in apart) + f" changed the PM score on {kl_set} beyond "
+                       f"the 95% interval of `{ref}` (n = {n} prompts): the method optimised what it was given")
+        if same:
+            cannot.append("a PM-score difference between " + ", ".join(f"`{m}`" for m in same) + f" and `{ref}` "
+                          f"on {kl_set}: their 95% intervals overlap at n = {n} prompts")
+    hhh = report.get("hhh") or {}
+    pm_h = hhh.get("preference model")
+    judge_h = (report.get("judge") or {}).get("hhh")
+    weak = []
+    if _chance(pm_h) == "near chance":
+        weak.append(f"the PM's HHH accuracy is {pm_h['accuracy']:.3f} [{pm_h['ci_low']:.2f}, {pm_h['ci_high']:.2f}]")
+    if _chance(judge_h, "debiased_accuracy") == "near chance":
+        weak.append(f"the judge's debiased HHH accuracy is {judge_h['debiased_accuracy']:.3f} "
+                    f"[{judge_h['debiased_ci_low']:.2f}, {judge_h['debiased_ci_high']:.2f}]")
+    if weak:
+        cannot.append("which method is more harmless or helpful in the paper's sense: " + " and ".join(weak)
+                      + ", intervals that contain chance (0.5), so the AI labels the PM and DPO learned from, and "
+                        "the judge's verdicts, carry little signal here; a higher PM score means closer to the "
+                        "PM's preferences, not better")
+    elif not pm_h and not judge_h:
+        cannot.append("how much signal the AI labels carry: the HHH accuracies were not measured in this run")
+    if kl.get("models") and not kl.get("temperature"):
+        cannot.append("an unbiased KL: the KL responses are greedy, so the KL column is the log-ratio on each "
+                      "model's most likely response, not an average over samples (it can even be negative); pass "
+                      "--kl-temperature 1 for the sampled estimate")
+    L += ["**What this comparison can show here:** " + "; ".join(can) + ".", ""]
+    if cannot:
+        L += ["**What it cannot show here:** " + "; ".join(cannot) + ".", ""]
+    L += ["Compare methods along the frontier, not by score alone: a higher PM score bought with a larger KL to "
+          f"`{ref}` is a different point on the same trade-off, not a better method.", ""]
+    return L
+
+
+def _side_by_side_section(report: dict, models: list[str], anchor: str) -> list[str]:
+    kl, cost = report.get("kl"), report.get("cost") or {}
+    if not kl and not cost:
+        return []
+    kl = kl or {}
+    judge = report.get("judge") or {}
+    elo = (judge.get("elo") or {}).get("all", {})
+    pm = (report.get("pm") or {}).get("scores") or {}
+    sets = list(pm) or list(report.get("evasiveness", {}))
+    tox = (report.get("toxicity") or {}).get("scores") or {}
+    ev = report.get("evasiveness", {})
+    ref = kl.get("reference")
+    L = ["## Methods side by side", "",
+         "Every model on the same held-out prompts (pipeline.py --rl-methods: each method trained from the same "
+         "SL-CAI model and the same PM stage). PM score means per prompt set; Elo over all sets ("
+         + _judge_strength_short(report) + "); evasive share and mean P(toxic) on "
+         f"{sets[0] if sets else '-'}; KL to `{ref or '-'}`: mean over the model's own responses to the "
+         f"{kl.get('set', '-')} prompts (sampled at temperature {kl.get('temperature', '-')}) of the summed "
+         f"per-token log pi(y|x) - log pi_{ref or 'ref'}(y|x), in nats "
+         "(stats.kl_to_reference; 95% interval), and per token; wall time and peak memory from the stage's "
+         "cost.json (peak RSS of the training process; CUDA: max allocated).", ""]
+    header = (["model", "method"] + [f"PM {s}" for s in sets] + [f"{c} Elo" for c in ("harmless", "helpful")]
+              + ["evasive", "P(toxic)", f"KL to `{ref or '-'}`", "KL / token", "wall time", "peak memory"])
+    rows = []
+    for m in models:
+        k = (kl.get("models") or {}).get(m)
+        c = cost.get(m)
+        kl_cell = "0 (reference)" if m == ref else (
+            f"{_fmt(k['mean'])} [{_fmt(k['ci_low'])}, {_fmt(k['ci_high'])}]" if k else "-")
+        mem = "-"
+        if c:
+            mem = f"{c['peak_rss_mib']:.0f} MiB RSS" + (f", {c['peak_cuda_mib']:.0f} MiB CUDA"
+                                                         if c.get("peak_cuda_mib") is not None else "")
+        first = sets[0] if sets else None
+        rows.append([f"`{m}`", METHOD_LABELS.get(m, m)]
+                    + [_fmt(((pm.get(s) or {}).get(m) or {}).get("mean")) for s in sets]
+                    + [_fmt((elo.get(c_) or {}).get(m), 0) if "error" not in (elo.get(c_) or {}) else "-"
+                       for c_ in ("harmless", "helpful")]
+                    + [_fmt(((ev.get(first) or {}).get(m) or {}).get("share"), 2),
+                       _fmt(((tox.get(first) or {}).get(m) or {}).get("mean")),
+                       kl_cell, _fmt(k["per_token"]) if k else ("0" if m == ref else "-"),
+                       f"{c['seconds']:.0f} s" if c else "-", mem])
+    L += _table(header, rows)
+    if "reward_kl_frontier.png" in report.get("plots", []):
+        L += ["![Mean PM score against KL to SL-CAI: the reward-KL frontier](reward_kl_frontier.png)", ""]
+    L += side_by_side_reading(report, models)
+    return L
+
+
 def _samples_section(report: dict, models: list[str], anchor: str) -> list[str]:
     L = []
     samples = report.get("samples", [])
@@ -271,8 +393,8 @@ def _samples_section(report: dict, models: list[str], anchor: str) -> list[str]:
     return L
 
 
-SECTIONS = [_header, _pm_section, _judge_section, _hhh_section, _evasiveness_section, _toxicity_section,
-            _rl_section, _samples_section]
+SECTIONS = [_header, _side_by_side_section, _pm_section, _judge_section, _hhh_section, _evasiveness_section,
+            _toxicity_section, _rl_section, _samples_section]
 
 
 def render_markdown(report: dict) -> str:
@@ -382,6 +504,26 @@ def make_plots(report: dict, out: Path, rl_records: list[dict] | None = None) ->
             ax.set_xlabel(f"{crit} win rate (95% Wilson CI)")
         fig.suptitle(_judge_strength_short(report), fontsize=9)
         save(fig, "win_rates.png")
+
+    kl = report.get("kl") or {}
+    kl_scores = ((report.get("pm") or {}).get("scores") or {}).get(kl.get("set"), {})
+    if kl.get("models") and kl_scores:
+        fig, ax = plt.subplots(figsize=(5.2, 4.2))
+        for m in models:
+            k = {"mean": 0.0, "ci_low": None} if m == kl["reference"] else kl["models"].get(m)
+            st = kl_scores.get(m)
+            if not k or not st or k["mean"] is None or st["mean"] is None:
+                continue
+            xerr = [[k["mean"] - k["ci_low"]], [k["ci_high"] - k["mean"]]] if k["ci_low"] is not None else None
+            yerr = [[st["mean"] - st["ci_low"]], [st["ci_high"] - st["mean"]]] if st["ci_low"] is not None else None
+            ax.errorbar([k["mean"]], [st["mean"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
+                        label=f"{m}: {METHOD_LABELS.get(m, m)}")
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_xlabel(f"KL to {kl['reference']} (nats per response, {kl['set']} prompts)")
+        ax.set_ylabel(f"PM score on {kl['set']} (mean, 95% CI)")
+        ax.set_title("Reward-KL frontier", fontsize=10)
+        ax.legend(fontsize=8)
+        save(fig, "reward_kl_frontier.png")
 
     if rl_records:
         its = [r["iteration"] for r in rl_records]

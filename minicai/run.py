@@ -287,6 +287,25 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def write_cost(run_dir: Path, seconds: float, device, resumed: bool = False) -> dict:
+    """run_dir/cost.json: the stage's wall time and peak memory, for the side-by-side report (minicai/compare.py).
+    Peak memory: this process's peak RSS (resource.getrusage; KiB on Linux) and, on CUDA, max_memory_allocated.
+    resumed: add this session's seconds to those already recorded (a run continued from a checkpoint)."""
+    import resource
+
+    path = Path(run_dir) / "cost.json"
+    old = json.loads(path.read_text()) if resumed and path.is_file() else {}
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cost = {"seconds": round(seconds + old.get("seconds", 0.0), 1),
+            "peak_rss_mib": round(max(rss_mib, old.get("peak_rss_mib", 0.0)), 1), "device": str(device),
+            "sessions": old.get("sessions", 0) + 1}
+    if torch.device(device).type == "cuda":
+        cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        cost["peak_cuda_mib"] = round(max(cuda_mib, old.get("peak_cuda_mib", 0.0)), 1)
+    atomic_write_json(path, cost)
+    return cost
+
+
 def log_metrics(run_dir: Path, record: dict) -> None:
     """Append one JSON object (one step) to run_dir/metrics.jsonl, flushed at once so a crash loses nothing (a line
     a crash left half written is cut off first: data.append_jsonl). Under torchrun only rank 0 writes (the metrics

@@ -216,3 +216,21 @@ def summarise_judgments(judgments: list[dict], models: list[str], anchor: str, p
                     rows.append({"model": models[y], "opponent": models[x], **win_rate(ps)})
         win_rates.setdefault(s, {})[crit] = rows
     return {"win_rates": win_rates, "elo": elo}
+
+
+def kl_to_reference(logp: list[list[float]], ref_logp: list[list[float]]) -> dict:
+    """KL of a policy to a reference (here: a trained method to the SL-CAI model) estimated on the policy's own
+    responses: for each response y to prompt x the summed per-token log-ratio
+        sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] = log pi(y|x) - log pi_ref(y|x),
+    then mean_ci over responses (the k1 estimator of KL(pi || pi_ref), Schulman 2020; unbiased when y ~ pi).
+    logp[i] and ref_logp[i]: the per-token log-probs of response i under each model (same length).
+    Also returns the mean per-token log-ratio (summed log-ratios / tokens)."""
+    if len(logp) != len(ref_logp):
+        raise ValueError(f"{len(logp)} responses under the policy but {len(ref_logp)} under the reference")
+    sums, tokens = [], 0
+    for i, (a, b) in enumerate(zip(logp, ref_logp)):
+        if len(a) != len(b):
+            raise ValueError(f"response {i}: {len(a)} policy log-probs but {len(b)} reference log-probs")
+        sums.append(sum(x - y for x, y in zip(a, b)))
+        tokens += len(a)
+    return {**mean_ci(sums), "per_token": sum(sums) / tokens if tokens else None, "tokens": tokens}

@@ -1,7 +1,8 @@
 """The evaluation's three rooms: the statistics (minicai/stats.py) against hand computations (Wilson, t-interval,
 position swap, win rates, Bradley-Terry Elo), the evasiveness heuristic on hand examples; the orchestration
 (minicai/compare.py): the judge's bookkeeping with hand-set log-probs, one whole comparison of tiny random models,
-resuming in a moved run folder; the report (minicai/report.py) with and without matplotlib, relative file names."""
+resuming in a moved run folder; the report (minicai/report.py) with and without matplotlib, relative file names;
+side by side: the KL to the SL-CAI model by hand and on tiny models, the cost columns, the computed reading."""
 
 import json
 import math
@@ -462,3 +463,137 @@ def test_judge_note_reads_this_runs_numbers(tmp_path):
     assert "answered \"(A)\" to 25.0% of the HHH questions" in md and "98.7" not in md
     del report["judge"]["hhh"]
     assert "was not measured in this run" in render_markdown(report)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Side by side (pipeline.py --rl-methods): KL to the SL-CAI model, cost, the reading of the comparison
+
+
+def test_kl_to_reference_by_hand():
+    """Per response: sum_t (log pi - log pi_ref); then mean, t-interval and the per-token mean over responses."""
+    from minicai.stats import kl_to_reference
+
+    logp = [[-1.0, -2.0], [-0.5]]
+    ref = [[-1.5, -1.0], [-0.25]]
+    # response 0: (-1.0 + 1.5) + (-2.0 + 1.0) = -0.5; response 1: -0.5 + 0.25 = -0.25
+    kl = kl_to_reference(logp, ref)
+    assert kl["n"] == 2 and kl["mean"] == pytest.approx(-0.375) and kl["per_token"] == pytest.approx(-0.75 / 3)
+    assert kl["std"] == pytest.approx(math.sqrt(2 * 0.125**2)) and kl["tokens"] == 3
+    half = 12.706 * kl["std"] / math.sqrt(2)
+    assert (kl["ci_low"], kl["ci_high"]) == pytest.approx((-0.375 - half, -0.375 + half))
+    # a policy that puts more mass on its own response than the reference does: positive, in nats
+    assert kl_to_reference([[math.log(0.9)]], [[math.log(0.3)]])["mean"] == pytest.approx(math.log(3.0))
+    assert kl_to_reference(ref, ref)["mean"] == 0.0
+    with pytest.raises(ValueError, match="response 1"):
+        kl_to_reference([[0.0], [0.0, 0.0]], [[0.0], [0.0]])
+    with pytest.raises(ValueError, match="2 responses"):
+        kl_to_reference([[0.0], [0.0]], [[0.0]])
+
+
+def test_response_token_logprobs_match_one_full_forward_per_response(tiny_model_dir):
+    """Batched (left-padded prompts, right-padded responses of different lengths) = one unpadded forward each;
+    a record without token_ids (cached before they were stored) is re-encoded from its text."""
+    from minicai.run import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), "cpu", torch.float32)
+    model.eval()
+    records = [{"prompt": "how do I pick a lock", "token_ids": [5, 6, 7]},
+               {"prompt": "hi", "token_ids": [9]},
+               {"prompt": "tell me a story please", "response": "once upon a time"}]
+    got = compare.response_token_logprobs(model, tok, records, batch_size=3)
+    for rec, lp in zip(records, got):
+        prompt = tok.render([{"role": "user", "content": rec["prompt"]}], add_generation_prompt=True)
+        resp = rec.get("token_ids") or tok.encode(rec["response"])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + resp]))  # [1, T, V]
+        full = torch.log_softmax(logits[0].double(), -1)
+        want = [float(full[len(prompt) - 1 + t, y]) for t, y in enumerate(resp)]
+        assert lp == pytest.approx(want, abs=1e-5)
+
+
+def test_kl_and_cost_side_by_side_on_tiny_models(tiny_model_dir, tiny_setup, tmp_path):
+    """compare.py --kl-reference: each model's KL to the reference is kl_to_reference of the log-probs of its own
+    responses sampled at temperature 1 (kl_responses.jsonl) under both models (a copy of the reference: exactly 0);
+    --kl-temperature 0 reuses the greedy evaluation responses; --cost puts the stage's wall time and memory beside
+    it."""
+    import shutil
+
+    from minicai.run import load_model_and_tokenizer
+    from minicai.stats import kl_to_reference
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy_dir)
+    cost = tmp_path / "b_cost.json"
+    cost.write_text(json.dumps({"seconds": 12.3, "peak_rss_mib": 456.0, "device": "cpu", "sessions": 1}))
+    out = tmp_path / "report"
+    report = compare.main([f"sl={tiny_model_dir}", f"b={tiny_setup['other']}", f"c={copy_dir}",
+                           "--pm", str(tiny_setup["pm"]), "--judge", "none", "--no-hhh", "--no-toxicity",
+                           "--limit", "2", "--max-new-tokens", "4", "--out", str(out), "--threads", "1",
+                           "--rl-metrics", "none", "--revisions", "none", "--kl-reference", "sl",
+                           "--cost", f"b={cost}"])
+    kl = report["kl"]
+    assert kl["reference"] == "sl" and kl["set"] == "red_team" and sorted(kl["models"]) == ["b", "c"]
+    assert kl["models"]["c"]["mean"] == 0.0  # same weights as the reference: every log-ratio is exactly 0
+    recs = [json.loads(x) for x in (out / "kl_responses.jsonl").read_text().splitlines()]
+    assert sorted({r["model"] for r in recs}) == ["b", "c"] and all(r["temperature"] == 1.0 for r in recs)
+    b_red = [r for r in recs if r["model"] == "b" and r["set"] == "red_team"]
+    logps = {}
+    for name, d in (("b", tiny_setup["other"]), ("sl", tiny_model_dir)):
+        model, tok, _ = load_model_and_tokenizer(str(d), "cpu", torch.float32)
+        logps[name] = compare.response_token_logprobs(model.eval(), tok, b_red)
+    want = kl_to_reference(logps["b"], logps["sl"])
+    assert kl["models"]["b"]["mean"] == pytest.approx(want["mean"], abs=1e-6) and want["mean"] != 0.0
+    assert report["cost"]["b"]["seconds"] == 12.3
+    md = (out / "report.md").read_text()
+    table = md.split("## Methods side by side")[1].split("\n## ")[0]
+    assert "| `sl` | SL-CAI |" in table and "0 (reference)" in table
+    row_b = next(line for line in table.splitlines() if line.startswith("| `b` |"))
+    assert f"{want['mean']:.3f}" in row_b and "12 s" in row_b and "456 MiB RSS" in row_b
+    assert "| `c` |" in table and "1 s" not in next(x for x in table.splitlines() if x.startswith("| `c` |"))
+    # cached: a rerun loads no model for the KL
+    again = compare.main([f"sl={tiny_model_dir}", f"b={tiny_setup['other']}", "--pm", str(tiny_setup["pm"]),
+                          "--judge", "none", "--no-hhh", "--no-toxicity", "--limit", "2", "--max-new-tokens", "4",
+                          "--out", str(out), "--threads", "1", "--rl-metrics", "none", "--revisions", "none",
+                          "--kl-reference", "sl"])
+    assert again["kl"]["models"]["b"] == kl["models"]["b"]
+    greedy = compare.main([f"sl={tiny_model_dir}", f"b={tiny_setup['other']}", "--pm", "none", "--judge", "none",
+                           "--no-hhh", "--no-toxicity", "--limit", "2", "--max-new-tokens", "4", "--out", str(out),
+                           "--threads", "1", "--rl-metrics", "none", "--revisions", "none", "--kl-reference", "sl",
+                           "--kl-temperature", "0"])
+    b_greedy = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
+    b_greedy = [r for r in b_greedy if r["model"] == "b" and r["set"] == "red_team"]
+    assert len(b_greedy) == 2 and all(r["temperature"] == 0.0 for r in b_greedy)
+    model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), "cpu", torch.float32)
+    ref_greedy = compare.response_token_logprobs(model.eval(), tok, b_greedy)
+    model, tok, _ = load_model_and_tokenizer(str(tiny_setup["other"]), "cpu", torch.float32)
+    own_greedy = compare.response_token_logprobs(model.eval(), tok, b_greedy)
+    assert greedy["kl"]["models"]["b"]["mean"] == pytest.approx(kl_to_reference(own_greedy, ref_greedy)["mean"],
+                                                                abs=1e-6)
+    assert "responses are greedy" in (out / "report.md").read_text()
+    with pytest.raises(MinicaiError, match="--kl-reference xx"):
+        compare.main([f"sl={tiny_model_dir}", "--judge", "none", "--no-hhh", "--no-toxicity", "--pm", "none",
+                      "--limit", "1", "--max-new-tokens", "2", "--out", str(out), "--kl-reference", "xx"])
+
+
+def test_side_by_side_reading_is_computed_from_the_runs_numbers():
+    """The report says what the comparison can and cannot show from this run's numbers: HHH accuracies whose
+    interval contains chance, PM-score intervals that overlap the SL-CAI model's, greedy (not sampled) KL."""
+    from minicai.report import side_by_side_reading
+
+    def report(pm_hhh, sl_ci, dpo_ci, temperature=0.0):
+        st = lambda lo, hi: {"n": 16, "mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}  # noqa: E731
+        return {"pm": {"scores": {"red_team": {"sl": st(*sl_ci), "dpo": st(*dpo_ci)}}},
+                "hhh": {"preference model": pm_hhh},
+                "kl": {"reference": "sl", "set": "red_team", "temperature": temperature,
+                       "models": {"dpo": {"mean": 1.0}}},
+                "cost": {"dpo": {"seconds": 3.0, "peak_rss_mib": 100.0}}}
+
+    weak = {"n": 100, "accuracy": 0.52, "ci_low": 0.42, "ci_high": 0.62}
+    text = " ".join(side_by_side_reading(report(weak, (0.0, 1.0), (0.5, 1.5)), ["initial", "sl", "dpo"]))
+    assert "the PM's HHH accuracy is 0.520 [0.42, 0.62]" in text and "carry little signal" in text
+    assert "between `dpo` and `sl` on red_team: their 95% intervals overlap at n = 16 prompts" in text
+    assert "responses are greedy" in text
+    strong = {"n": 100, "accuracy": 0.81, "ci_low": 0.72, "ci_high": 0.88}
+    text = " ".join(side_by_side_reading(report(strong, (0.0, 1.0), (2.0, 3.0), 1.0), ["initial", "sl", "dpo"]))
+    assert "carry little signal" not in text and "greedy" not in text
+    assert "`dpo` changed the PM score on red_team beyond the 95% interval of `sl`" in text

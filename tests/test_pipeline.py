@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses (train_dpo.py's DPOConfig) look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -41,10 +42,12 @@ def test_every_preset_parses_in_every_stage_script(preset, tmp_path):
 
     args = pipeline.parse_args(["--preset", preset, "--out", str(tmp_path), "--model", "m", "--threads", "1",
                                 "--dry-run"])
-    for stage in ("sl", "pm", "rl"):
+    for stage in ("sl", "pm", "rl") + pipeline.METHOD_STAGES:
         script = load_script(pipeline.SCRIPTS[stage])
         parsed = script.parse_args(pipeline.stage_argv(stage, args, "m", tmp_path))
         assert parsed.out == str(tmp_path / stage) and parsed.seed == 0 and parsed.threads == 1
+        if stage in ("grpo", "rloo"):
+            assert parsed.advantage == stage
     parsed = compare.build_parser().parse_args(pipeline.stage_argv("eval", args, "m", tmp_path))
     assert parsed.out == str(tmp_path / "report")
 
@@ -141,3 +144,66 @@ def test_pipeline_with_two_processes_per_training_stage_finishes_and_resumes(tmp
     assert [s["status"] for s in log["stages"]] == ["reused", "reused", "ran"]
     metrics = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
+
+
+def test_rl_methods_wiring(tmp_path):
+    """--rl-methods: the rl stage expands into one stage per method, each from the same SL-CAI model and PM stage
+    into its own folder; the evaluation gets every method's model, its cost.json and the SL-CAI model as the KL
+    reference. The default (ppo) is today's pipeline."""
+    flag = lambda argv, name: argv[argv.index(name) + 1]  # noqa: E731
+    assert pipeline.parse_args(["--out", str(tmp_path)]).stages == ["sl", "pm", "rl", "eval"]
+    args = pipeline.parse_args(["--out", str(tmp_path), "--rl-methods", "grpo,ppo,dpo", "--dry-run",
+                                "--dpo-args", "--beta 0.2"])
+    assert args.stages == ["sl", "pm", "rl", "dpo", "grpo", "eval"]
+    sl, pm = str(tmp_path / "sl" / "model"), str(tmp_path / "pm" / "model")
+    dpo = pipeline.stage_argv("dpo", args, "INIT", tmp_path)
+    assert flag(dpo, "--model") == sl and flag(dpo, "--data") == str(tmp_path / "pm") and flag(dpo, "--beta") == "0.2"
+    grpo = pipeline.stage_argv("grpo", args, "INIT", tmp_path)
+    assert flag(grpo, "--model") == sl and flag(grpo, "--pm") == pm and flag(grpo, "--advantage") == "grpo"
+    assert flag(grpo, "--out") == str(tmp_path / "grpo")
+    ev = pipeline.stage_argv("eval", args, "INIT", tmp_path)
+    assert ev[:5] == ["initial=INIT", f"sl={sl}"] + [f"{m}={tmp_path / m / 'model'}" for m in ("rl", "dpo", "grpo")]
+    assert [ev[i + 1] for i, a in enumerate(ev) if a == "--cost"] == [
+        f"{m}={tmp_path / m / 'cost.json'}" for m in ("rl", "dpo", "grpo")]
+    assert flag(ev, "--kl-reference") == "sl"
+    assert pipeline.parse_args(["--rl-methods", "dpo", "--stages", "rl"]).stages == ["dpo"]
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(["--rl-methods", "ppo,a2c"])
+
+
+def test_ppo_dpo_grpo_side_by_side_on_a_tiny_model(tmp_path, tiny_model_dir):
+    """--rl-methods ppo,dpo,grpo end to end: every method trains from the same SL-CAI model and PM stage, writes its
+    cost.json, and the report has a row per model with its KL to SL-CAI, its wall time and memory, and the
+    reward-KL frontier plot; a rerun skips the finished stages."""
+    out = tmp_path / "runs"
+    argv = ["--tiny", "--model", str(tiny_model_dir), "--out", str(out), "--threads", "1",
+            "--rl-methods", "ppo,dpo,grpo"]
+    log = pipeline.main(argv)
+    assert [s["stage"] for s in log["stages"]] == ["sl", "pm", "rl", "dpo", "grpo", "eval"]
+    assert all(s["status"] == "ran" for s in log["stages"])
+    for stage in ("rl", "dpo", "grpo"):
+        cost = json.loads((out / stage / "cost.json").read_text())
+        assert cost["seconds"] > 0 and cost["peak_rss_mib"] > 10 and cost["sessions"] == 1
+        assert (out / stage / "model" / "config.json").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    names = ["initial", "sl", "rl", "dpo", "grpo"]
+    assert [m["name"] for m in report["models"]] == names
+    assert report["kl"]["reference"] == "sl" and sorted(report["kl"]["models"]) == sorted(set(names) - {"sl"})
+    assert all(report["kl"]["models"][m]["n"] == 2 for m in ("rl", "dpo", "grpo"))
+    assert sorted(report["cost"]) == ["dpo", "grpo", "rl"]
+    md = (out / "report" / "report.md").read_text()
+    assert "## Methods side by side" in md
+    for name in ("rl", "dpo", "grpo"):
+        assert f"| `{name}` |" in md.split("## Methods side by side")[1].split("\n## ")[0]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert "reward_kl_frontier.png" in report["plots"] and (out / "report" / "reward_kl_frontier.png").is_file()
+
+    # a rerun reuses the finished stages: dpo by its done.json, rl and grpo by their checkpoints (no new session)
+    again = pipeline.main(argv[:-2] + ["--rl-methods", "ppo,dpo,grpo", "--stages", "sl,pm,rl"])
+    assert [s["status"] for s in again["stages"]] == ["reused", "reused", "ran", "reused", "ran"]
+    for stage in ("rl", "dpo", "grpo"):
+        assert json.loads((out / stage / "cost.json").read_text())["sessions"] == 1
