@@ -188,6 +188,7 @@ def stage_settings(stage: str, argv: list[str]) -> dict:
 
     spec = importlib.util.spec_from_file_location(f"_stage_{stage}", REPO / SCRIPTS[stage])
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a script's dataclasses (train_dpo.DPOConfig) look their module up there
     spec.loader.exec_module(module)
     return settings_of(module.parse_args(argv))
 

@@ -396,7 +396,8 @@ def check_finite(phase: str, step: int, **values) -> None:
     _checks[phase] = calls = _checks.get(phase, 0) + 1
     if os.environ.get(NONFINITE_HOOK) == f"{phase}:{calls}":  # the calls-th check of `phase` in this process
         values = {**values, "loss": float("nan")}
-    bad = {k: float(v) for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+    numbers = {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in values.items() if v is not None}
+    bad = {k: v for k, v in numbers.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
         where = f"{phase} step {step}" + (f" (update {calls} of this process)" if calls != step else "")
