@@ -267,7 +267,7 @@ def main() -> None:
         run = run_minicai if args.side == "minicai" else run_trl
         result = run(model_dir, args.iterations, min(args.rollout_batch, BATCH), args.dtype)
         if args.side == "minicai":  # this host's rates, measured in the same run
-            from minicai.model import load_config
+            from minicai.checkpoint import load_config
 
             result["rates"] = measure_rates(load_config(model_dir), args.dtype)
         print("RESULT " + json.dumps(result))

@@ -724,11 +724,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--elo-prior", type=float, default=1.0,
                    help="virtual ties per compared pair in the Bradley-Terry fit; keeps Elo finite when a model "
                         "wins everything (default: 1.0; 0 = plain maximum likelihood)")
-    g = p.add_argument_group("HHH-438, toxicity, RL curves")
+    g = p.add_argument_group("HHH comparisons, toxicity, RL curves")
     g.add_argument("--hhh-file", default=None,
-                   help="438HHHEvaluations.jsonl (default: ../shared/data/cai-paper/438HHHEvaluations.jsonl; "
-                        "skipped with a note when absent)")
-    g.add_argument("--hhh-limit", type=int, default=None, help="HHH records to score (default: all 438)")
+                   help="the paper's 438HHHEvaluations.jsonl or a file of its layout (default: ../shared's copy, "
+                        "else the copy obtained once into ~/.cache/minicai/data: README, 'Where the data comes from')")
+    g.add_argument("--hhh-limit", type=int, default=None, help="HHH records to score (default: all of the file)")
     g.add_argument("--no-hhh", action="store_true", help="skip the HHH accuracies")
     g.add_argument("--feedback-model", default=None,
                    help="also report this model's HHH accuracy as the feedback model (when it is not the judge)")

@@ -27,8 +27,8 @@ from minicai.feedback import hhh_evaluate, read_hhh
 from minicai.run import atomic_write_json, cli_main, load_model_and_tokenizer, setup
 
 FIGURE_4_CONTEXT = (
-    "Context (paper Figure 4): pretrained language models answering these 438 questions as multiple choice get more "
-    "accurate with model size, chain-of-thought prompting helps, and the trend suggests that models beyond 52B "
+    "Context (paper Figure 4): pretrained language models answering the paper's 438 questions as multiple choice get "
+    "more accurate with model size, chain-of-thought prompting helps, and the trend suggests that models beyond 52B "
     "parameters match a preference model trained on human feedback. Even the smallest models in that plot are far "
     "larger than a ~100M-parameter model, which should score near chance (0.5): its raw accuracy mostly reflects a "
     "preference for one letter (share answering (A)), which the debiased accuracy removes.")
@@ -42,7 +42,8 @@ def add_hhh_parser(sub) -> None:
                                    "options swapped and averages P(option) over both orders. " + FIGURE_4_CONTEXT)
     p.add_argument("--model", default=None, help="HF-layout model directory (default: the default model)")
     p.add_argument("--file", default=None,
-                   help="438HHHEvaluations.jsonl (default: ../shared/data/cai-paper/438HHHEvaluations.jsonl)")
+                   help="the paper's 438HHHEvaluations.jsonl or a file of its layout (default: ../shared's copy, else the "
+                        "copy obtained once into ~/.cache/minicai/data)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default: 8)")
     p.add_argument("--format", choices=("raw", "chat"), default="raw",

@@ -178,7 +178,7 @@ def _judge_section(report: dict, models: list[str], anchor: str) -> list[str]:
 
 def _hhh_section(report: dict, models: list[str], anchor: str) -> list[str]:
     L = []
-    L += ["## HHH-438 accuracy (paper Figure 4)", "",
+    L += ["## HHH accuracy (paper Figure 4)", "",
           "Binary comparisons from the paper: is the helpful/honest/harmless response preferred? Chance = 0.5. "
           "Debiased: each question is also asked with the options swapped and the two answers averaged.", ""]
     rows = []

@@ -276,7 +276,7 @@ def synthetic_report() -> tuple[dict, list[dict]]:
 
 
 def check_tables(md: str):
-    for heading in ("## Preference-model score", "## Pairwise judge: win rates and Elo", "## HHH-438 accuracy",
+    for heading in ("## Preference-model score", "## Pairwise judge: win rates and Elo", "## HHH accuracy",
                     "## Evasiveness", "## Toxicity", "## RL-CAI training curves"):
         assert heading in md
     assert "| model | n | mean | std | 95% CI | minus `initial` |" in md
