@@ -27,9 +27,7 @@ import argparse
 import copy
 import functools
 import math
-import os
 import shutil
-import tempfile
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -376,17 +374,11 @@ def dpo_step(policy, ref_model, opt, batches: list[PairBatch], cfg: DPOConfig, a
 def save_checkpoint(directory: Path, policy, tok, opt, step: int) -> Path:
     """Policy (HF layout + tokenizer), optimiser state and step counter, written to a temporary folder and renamed
     into place; older checkpoints are removed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
-    try:
+    def write(tmp: Path) -> None:
         run.save_model(policy, tok, tmp / "policy")
         torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    final = run.publish_dir(directory / f"step_{step:06d}", write)
     for old in directory.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -497,17 +489,12 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
 
 
 def save_final(policy, tok, model_dir: Path, done: dict) -> None:
-    """model/ in HF layout with done.json, written to a temporary folder and renamed: complete or absent."""
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=model_dir.parent))
-    try:
+    """model/ in HF layout with done.json, complete or absent (run.publish_dir)."""
+    def write(tmp: Path) -> None:
         run.save_model(policy, tok, tmp)
         run.atomic_write_json(tmp / "done.json", done)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is meant to be shared
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    run.publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -352,23 +350,13 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
 
 
 def save_pm(rm: RewardModel, tok, model_dir: Path, done: dict) -> None:
-    """Write into a temporary folder, mark it done, then move it into place: model/ is complete or absent."""
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=model_dir.parent))
-    try:
+    """model/ with the PM, its tokenizer and done.json, complete or absent (run.publish_dir)."""
+    def write(tmp: Path) -> None:
         rm.save_pretrained(tmp)
         tok.save(tmp)
         run.atomic_write_json(tmp / "done.json", done)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.iterdir():  # temporary files are created private (0600); give them the usual permissions
-            f.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    run.publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:

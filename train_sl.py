@@ -16,15 +16,11 @@ Two halves, each resumable, both on by default:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
@@ -222,17 +218,11 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
     if not distributed.is_main():  # every process holds the same weights: rank 0 saves them
         distributed.barrier()
         return
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
-    try:
+    def write(tmp: Path) -> None:
         run.save_model(model, tok, tmp)
         run.atomic_write_json(tmp / "done.json", summary)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model dir is meant to be shared
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    run.publish_dir(model_dir, write)  # model/ is complete (with done.json) or absent
     distributed.barrier()
     print(f"train: {summary['steps']} steps, last loss {summary['last_loss']:.4f}, held-out losses "
           f"{[round(x, 4) for x in summary['heldout_losses']]} -> {model_dir}")
