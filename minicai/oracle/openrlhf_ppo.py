@@ -15,7 +15,6 @@ launcher modules those files import but the functions used here never call, and 
 The rollout itself (vLLM in OpenRLHF) is a plain transformers `generate` at the same temperature.
 """
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ import torch
 
 from minicai import MinicaiError
 from minicai.oracle.check import write_dump
-from minicai.oracle.sources import dist_version, load_sources
+from minicai.oracle.sources import dist_version, load_sources, main
 from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
 
 FILES = {  # module name -> file under the package root, loaded in this order
@@ -129,12 +128,4 @@ def run(root: str | Path, out: str | Path, seed: int = 5, batch: int = 8, respon
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: python3 -m minicai.oracle.openrlhf_ppo OPENRLHF_ROOT OUT.safetensors", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(sys.argv[1], sys.argv[2])
-    except MinicaiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")
+    main(run, "minicai.oracle.openrlhf_ppo", "OPENRLHF_ROOT")

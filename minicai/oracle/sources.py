@@ -2,13 +2,16 @@
 
 openrlhf_ppo.py and verl_ppo.py run a few of a published package's functions as they are: its directories become
 bare namespace packages, the modules its files import but the functions used never call become empty stand-ins,
-and the files are executed in order. `sys.modules` is left as it was afterwards.
+and the files are executed in order. `sys.modules` is left as it was afterwards. `main` is their command line.
 """
 
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
+
+from minicai import MinicaiError
 
 
 def load_sources(root: Path, packages: tuple[str, ...], stubs: dict[str, dict[str, object]],
@@ -42,3 +45,16 @@ def load_sources(root: Path, packages: tuple[str, ...], stubs: dict[str, dict[st
 def dist_version(root: Path, name: str) -> str:
     """The version in root's `name-VERSION.dist-info` directory (pip --target writes one), else "unknown"."""
     return next((d.name.split("-")[1] for d in root.glob(f"{name}-*.dist-info")), "unknown")
+
+
+def main(run: Callable[[str, str], None], module: str, root_name: str) -> None:
+    """`python3 -m MODULE ROOT OUT.safetensors`: run(ROOT, OUT); a usage or user error is one line and exit 2."""
+    if len(sys.argv) != 3:
+        print(f"usage: python3 -m {module} {root_name} OUT.safetensors", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(sys.argv[1], sys.argv[2])
+    except MinicaiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")

@@ -18,7 +18,6 @@ interior masked token (a multi-turn observation), where verl's GAE differs from 
 those of a later minibatch (ratios up to about 4.5, where the dual-clip acts).
 """
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +25,7 @@ import torch
 
 from minicai import MinicaiError
 from minicai.oracle.check import write_dump
-from minicai.oracle.sources import dist_version, load_sources
+from minicai.oracle.sources import dist_version, load_sources, main
 from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
 
 
@@ -121,12 +120,4 @@ def run(root: str | Path, out: str | Path, seed: int = 7, batch: int = 6, respon
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: python3 -m minicai.oracle.verl_ppo VERL_ROOT OUT.safetensors", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(sys.argv[1], sys.argv[2])
-    except MinicaiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")
+    main(run, "minicai.oracle.verl_ppo", "VERL_ROOT")
