@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from common import peak_rss_gib, print_result, print_table, run_side  # noqa: E402
 
 BETA, LR = 0.1, 5e-6
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def make_pairs(model_dir: Path, pairs: int, new_tokens: int) -> list[dict]:
@@ -157,7 +151,7 @@ def main() -> None:
     if args.side:
         data = json.loads(Path(args.data).read_text())
         result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, data, args.steps)
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     data_file = Path(tempfile.mkdtemp(prefix="bench_dpo_")) / "pairs.json"
     data_file.write_text(json.dumps(make_pairs(model_dir, args.pairs, args.new_tokens)))
@@ -165,19 +159,12 @@ def main() -> None:
     for side in ("minicai", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--threads", str(args.threads),
                "--model", str(model_dir), "--data", str(data_file)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        results[side] = summarise(json.loads(line[len("RESULT "):]))
+        results[side] = summarise(run_side(side, cmd, {"TOKENIZERS_PARALLELISM": "false"}))
         print(f"{side}: {results[side]}", flush=True)
     a, b = results["minicai"], results["trl"]
     print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; fp32; {args.pairs} pairs "
           f"({2 * args.pairs} rows) per step, {args.new_tokens}-token responses, beta {BETA}\n")
-    print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")
-    for key, label in (("step_s", "DPO step (s)"), ("peak_rss_gib", "peak RSS (GiB)")):
-        print(f"| {label} | {a[key]:.2f} | {b[key]:.2f} | {b[key] / a[key]:.2f}x |")
+    print_table(a, b, (("step_s", "DPO step (s)"), ("peak_rss_gib", "peak RSS (GiB)")), digits=2)
     print(f"\nfirst step: loss {a['first_loss']} vs {b['first_loss']} (log 2 = 0.6931), mean chosen log-prob "
           f"{a['first_logps_chosen']} vs {b['first_logps_chosen']}")
 

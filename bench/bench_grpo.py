@@ -18,10 +18,6 @@ own) for --iterations iterations; the first is a warm-up and the mean of the res
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import peak_rss_gib, print_result, print_table, run_side, summarise_iterations  # noqa: E402
 
 QUESTIONS = [
     "How do I bake a loaf of bread?", "What's the best way to get back at my noisy neighbour?",
@@ -39,10 +37,6 @@ QUESTIONS = [
     "Why do people believe conspiracy theories?", "How do I fix a leaking tap?", "How do I pick a lock?",
 ]
 STEPS, BETA, LR = 2, 0.04, 3e-5  # optimiser steps per iteration, KL coefficient, learning rate
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def run_minicai(model_dir: Path, args) -> dict:
@@ -147,12 +141,6 @@ def run_trl(model_dir: Path, args) -> dict:
     return {"iterations": rows, "peak_rss_gib": peak_rss_gib()}
 
 
-def summarise(result: dict) -> dict:
-    rows = result["iterations"][1:] or result["iterations"]  # drop the warm-up iteration
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("total_s", "rollout_s", "update_s")}
-    return {**mean, "peak_rss_gib": result["peak_rss_gib"], "timed_iterations": len(rows)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF-layout model dir (default: the default model)")
@@ -173,28 +161,22 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     if args.side:
         result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, args)
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     results = {}
     for side in ("minicai", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--iterations", str(args.iterations),
                "--threads", str(args.threads), "--model", str(model_dir), "--prompts", str(args.prompts),
                "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens)]
-        env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        results[side] = summarise(json.loads(line[len("RESULT "):]))
+        results[side] = summarise_iterations(
+            run_side(side, cmd, {"TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}))
         print(f"{side}: {results[side]}", flush=True)
     a, b = results["minicai"], results["trl"]
     print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; fp32; {args.prompts} prompts x "
           f"{args.group_size} responses, {args.new_tokens} new tokens, 1 epoch of {STEPS} steps, k3 KL in the loss "
           f"(beta {BETA}), token-mean\n")
-    print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")
-    for key, label in (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
-                       ("peak_rss_gib", "peak RSS (GiB)")):
-        print(f"| {label} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.2f}x |")
+    print_table(a, b, (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
+                       ("peak_rss_gib", "peak RSS (GiB)")))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,6 @@ same run (hosts differ), and the result prints the iteration time / floor ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from common import peak_rss_gib, print_result, print_table, run_side, summarise_iterations  # noqa: E402
 
 QUESTIONS = [
     "How do I bake a loaf of bread?", "What's the best way to get back at my noisy neighbour?",
@@ -45,10 +43,6 @@ QUESTIONS = [
     "Why do people believe conspiracy theories?", "How do I fix a leaking tap?", "How do I pick a lock?",
 ]
 BATCH, NEW_TOKENS, MINIBATCHES = 16, 64, 4
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def run_minicai(model_dir: Path, iterations: int, rollout_batch: int, dtype: str = "fp32") -> dict:
@@ -230,12 +224,6 @@ def run_trl(model_dir: Path, iterations: int, rollout_batch: int, dtype: str = "
     return {"iterations": rows, "peak_rss_gib": peak_rss_gib()}
 
 
-def summarise(result: dict) -> dict:
-    rows = result["iterations"][1:] or result["iterations"]  # drop the warm-up iteration
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("total_s", "rollout_s", "update_s")}
-    return {**mean, "peak_rss_gib": result["peak_rss_gib"], "timed_iterations": len(rows)}
-
-
 def main() -> None:
     global BATCH, NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,20 +258,15 @@ def main() -> None:
             from minicai.checkpoint import load_config
 
             result["rates"] = measure_rates(load_config(model_dir), args.dtype)
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     results = {}
     for side in ("minicai", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--iterations", str(args.iterations),
                "--threads", str(args.threads), "--model", str(model_dir),
                "--rollout-batch", str(args.rollout_batch), "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])
-        env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{side} failed:\n{proc.stderr[-4000:]}")
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-        raw = json.loads(line[len("RESULT "):])
-        results[side] = summarise(raw)
+        raw = run_side(side, cmd, {"TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        results[side] = summarise_iterations(raw)
         if side == "minicai":
             rates, terms = raw["rates"], raw["floor"]
             floor = floor_seconds(terms, rates, args.dtype)
@@ -298,10 +281,8 @@ def main() -> None:
     print(f"floor: {terms['product_flops'] / 1e12:.2f} TFLOP of products in {floor['products_s']:.1f} s + generation "
           f"{floor['generation_s']:.1f} s = {floor['floor_s']:.1f} s; minicai's iteration / floor = "
           f"{a['total_s'] / floor['floor_s']:.2f}x\n")
-    print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")
-    for key, label in (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
-                       ("peak_rss_gib", "peak RSS (GiB)")):
-        print(f"| {label} | {a[key]:.1f} | {b[key]:.1f} | {b[key] / a[key]:.2f}x |")
+    print_table(a, b, (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
+                       ("peak_rss_gib", "peak RSS (GiB)")))
 
 
 if __name__ == "__main__":

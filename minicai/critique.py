@@ -34,7 +34,6 @@ with the same --batch-size writes exactly the file an uninterrupted run writes.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ from minicai import MinicaiError
 from minicai.constitution import CritiqueExample, CritiquePrinciple, sample_principles
 from minicai.data import append_jsonl, read_jsonl
 from minicai.sampling import generate, response_ids
+from minicai.seeds import seed_from_labels
 
 
 @dataclass
@@ -73,15 +73,9 @@ def answer_settings(settings: CritiqueSettings) -> dict:
     return {k: v for k, v in asdict(settings).items() if k in ANSWER_KEYS}
 
 
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed from a base seed and any labels (stable across processes, unlike hash())."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def record_seed(seed: int, index: int) -> int:
     """The seed of prompt number `index`: its principle draws depend on nothing else."""
-    return derive_seed(seed, "record", index)
+    return seed_from_labels(seed, "record", index)
 
 
 def draw_principles(principles: list[CritiquePrinciple], rounds: int, seed: int, index: int) -> list[CritiquePrinciple]:
@@ -155,11 +149,11 @@ def critique_revise_batch(model, tokenizer, items: list[tuple[int, str]], princi
                           examples: list[CritiqueExample], settings: CritiqueSettings, batch_seed: int) -> list[dict]:
     """Run the whole loop (initial answer, then R critique/revision rounds) for one batch of (index, prompt).
 
-    Every step is one generate() call over the batch; call j gets seed derive_seed(batch_seed, j)."""
+    Every step is one generate() call over the batch; call j gets seed seed_from_labels(batch_seed, j)."""
     s = settings
     shots = examples[: s.num_examples]
     replies = sample_replies(model, tokenizer, [answer_messages(p) for _, p in items], s.response_tokens, s,
-                             derive_seed(batch_seed, "response"))
+                             seed_from_labels(batch_seed, "response"))
     records = []
     for (index, prompt), (response, truncated) in zip(items, replies):
         records.append({
@@ -179,12 +173,12 @@ def critique_revise_batch(model, tokenizer, items: list[tuple[int, str]], princi
         crit = sample_replies(
             model, tokenizer,
             [critique_messages(shots, rec["prompt"], cur, p) for rec, cur, p in zip(records, current, ps)],
-            s.critique_tokens, s, derive_seed(batch_seed, "critique", r + 1))
+            s.critique_tokens, s, seed_from_labels(batch_seed, "critique", r + 1))
         rev = sample_replies(
             model, tokenizer,
             [revision_messages(shots, rec["prompt"], cur, p, c) for rec, cur, p, (c, _) in
              zip(records, current, ps, crit)],
-            s.revision_tokens, s, derive_seed(batch_seed, "revision", r + 1))
+            s.revision_tokens, s, seed_from_labels(batch_seed, "revision", r + 1))
         for rec, p, (c, c_trunc), (v, v_trunc) in zip(records, ps, crit, rev):
             failed = not v
             rec["rounds"].append({
@@ -210,7 +204,7 @@ def answer_batch(model, tokenizer, items: list[tuple[int, str]], settings: Criti
                  batch_seed: int) -> list[dict]:
     """The helpful model's own answers to helpfulness prompts (the SL-CAI mix that keeps it helpful, sec. 3.1)."""
     replies = sample_replies(model, tokenizer, [answer_messages(p) for _, p in items], settings.response_tokens,
-                             settings, derive_seed(batch_seed, "response"))
+                             settings, seed_from_labels(batch_seed, "response"))
     return [{
         "index": index,
         "prompt": prompt,
@@ -271,7 +265,7 @@ def run_batches(path, prompts: list[str], want: dict,
                dynamic_ncols=True)
     for k, idx in todo:
         t0 = time.perf_counter()
-        records = make_records([(i, prompts[i]) for i in idx], derive_seed(want["seed"], desc, k))
+        records = make_records([(i, prompts[i]) for i in idx], seed_from_labels(want["seed"], desc, k))
         for rec in records:
             append_jsonl(path, rec)
             done[rec["index"]] = rec

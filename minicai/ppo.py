@@ -69,6 +69,7 @@ from minicai.losses import (
 from minicai.model import shared_prefix_length
 from minicai.run import check_finite
 from minicai.sampling import generate, left_pad, response_ids
+from minicai.seeds import iteration_seed
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
 # of each row without its stop token. The PM's score (score_with_pm) or, in tests, a programmatic reward.
@@ -149,11 +150,6 @@ def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLControll
     return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, kl_horizon(cfg))
 
 
-def derive_seed(seed: int, iteration: int, stream: int) -> int:
-    """A distinct 63-bit seed for each (run seed, iteration, purpose) triple."""
-    return ((seed * 1_000_003 + iteration) * 16 + stream) % (2**63 - 1)
-
-
 STREAM_PROMPTS, STREAM_SAMPLING, STREAM_MINIBATCH, STREAM_MIX = 1, 2, 3, 4
 
 
@@ -171,7 +167,7 @@ def epoch_indices(n: int, count: int, iteration: int, seed: int, stream: int) ->
     for k in range(iteration * count, (iteration + 1) * count):
         epoch = k // n
         if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(derive_seed(seed, epoch, stream))
+            g = torch.Generator().manual_seed(iteration_seed(seed, epoch, stream))
             perm, perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
         out.append(perm[k % n])
     return out
@@ -191,7 +187,7 @@ def mixed_prompt_batch(
     n_help = batch_size - n_red
     if n_help:
         batch += [("helpful", helpful[i]) for i in epoch_indices(len(helpful), n_help, iteration, seed, 11)]
-    g = torch.Generator().manual_seed(derive_seed(seed, iteration, STREAM_MIX))
+    g = torch.Generator().manual_seed(iteration_seed(seed, iteration, STREAM_MIX))
     return [batch[i] for i in torch.randperm(len(batch), generator=g).tolist()]
 
 
@@ -594,7 +590,7 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
     returns its own Rollout; the statistics are global."""
     it = state.iteration
     t0 = time.perf_counter()
-    n_all, first, sample_seed = len(prompt_ids), None, derive_seed(seed, it, STREAM_SAMPLING)
+    n_all, first, sample_seed = len(prompt_ids), None, iteration_seed(seed, it, STREAM_SAMPLING)
     if distributed.world() > n_all:
         raise MinicaiError(f"a batch of {n_all} prompts cannot be shared by {distributed.world()} processes. Fix: "
                            "raise --batch-size to at least the number of processes (torchrun --nproc_per_node)")
@@ -602,7 +598,7 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
         mine = distributed.my_rows(n_all)
         prompt_ids, prompts = [prompt_ids[i] for i in mine], [prompts[i] for i in mine]
         first = len(distributed.my_rows(min(cfg.minibatch_size, n_all)))
-        sample_seed = derive_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
+        sample_seed = iteration_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
     with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
         ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
                      pad_id, seed=sample_seed, first_pass_rows=first)
@@ -611,7 +607,7 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
     stats = {"iteration": it, **rollout_stats(ro)}
     t1 = time.perf_counter()
     stats.update(ppo_step(state.policy, state.value_model, state.policy_opt, state.value_opt, ro, cfg,
-                          seed=derive_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype,
+                          seed=iteration_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype,
                           scalers=state.scalers))
     state.kl_ctl.update(stats["kl"], n_steps=n_all)  # the global mean KL over the global batch
     stats["beta_next"] = state.kl_ctl.beta
@@ -825,12 +821,12 @@ def group_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[
     t0 = time.perf_counter()
     with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
         ro = group_rollout(state.policy, state.ref_model, prompt_ids, prompts, reward_fn, cfg, stop_ids, pad_id,
-                           seed=derive_seed(seed, it, STREAM_SAMPLING))
+                           seed=iteration_seed(seed, it, STREAM_SAMPLING))
     check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
     compute_group_advantages(ro, state.kl_ctl.beta, cfg)
     stats = {"iteration": it, **rollout_stats(ro), **group_stats(ro, cfg)}
     t1 = time.perf_counter()
-    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=derive_seed(seed, it, STREAM_MINIBATCH),
+    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=iteration_seed(seed, it, STREAM_MINIBATCH),
                            amp_dtype=state.amp_dtype, scaler=state.scalers[0] if state.scalers else None))
     state.kl_ctl.update(stats["kl"], n_steps=cfg.batch_size)
     stats["beta_next"] = state.kl_ctl.beta

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny ChatML tokenizer and a tiny random model directory in HF layout (seconds to build)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,21 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+def pip_package_root(request, tmp_path_factory, env: str, package: str, version: str) -> str:
+    """For an opt-in slow test: the directory holding `package` (env variable `env`, or a fresh
+    `pip install --no-deps --target`, never touching torch); skips when not run with -m slow or when pip fails."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("opt-in slow test: run with -m slow")
+    root = os.environ.get(env)
+    if not root:
+        root = str(tmp_path_factory.mktemp(f"{package}_pkg"))
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", root,
+                            f"{package}=={version}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"could not fetch {package} {version}: {r.stderr[-300:]}")
+    return root
 
 
 @pytest.fixture(autouse=True, scope="session")

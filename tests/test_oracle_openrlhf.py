@@ -3,11 +3,8 @@ tests/test_oracle_openrlhf.py). OpenRLHF's trainer needs Ray, DeepSpeed and vLLM
 published functions (minicai/oracle/openrlhf_ppo.py). The package comes from OPENRLHF_ROOT (a directory holding
 openrlhf/), or is fetched with `pip install --no-deps --target` (never touching torch)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import pip_package_root
 
 from minicai.oracle import check as C
 
@@ -16,15 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def orl_dump(tmp_path_factory, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt-in slow test: run with -m slow")
-    root = os.environ.get("OPENRLHF_ROOT")
-    if not root:
-        root = str(tmp_path_factory.mktemp("openrlhf_pkg"))
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", root,
-                            "openrlhf==0.11.2"], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"could not fetch openrlhf 0.11.2: {r.stderr[-300:]}")
+    root = pip_package_root(request, tmp_path_factory, "OPENRLHF_ROOT", "openrlhf", "0.11.2")
     from minicai.oracle import openrlhf_ppo
 
     path = tmp_path_factory.mktemp("orl") / "orl.safetensors"

@@ -2,11 +2,8 @@
 verl's trainer needs Ray, so the dump is built from its published functions (minicai/oracle/verl_ppo.py). The
 package comes from VERL_ROOT (a directory holding verl/), or is fetched with `pip install --no-deps --target`."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import pip_package_root
 
 from minicai.oracle import check as C
 
@@ -15,15 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def verl_dump(tmp_path_factory, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt-in slow test: run with -m slow")
-    root = os.environ.get("VERL_ROOT")
-    if not root:
-        root = str(tmp_path_factory.mktemp("verl_pkg"))
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", root,
-                            "verl==0.9.1"], capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"could not fetch verl 0.9.1: {r.stderr[-300:]}")
+    root = pip_package_root(request, tmp_path_factory, "VERL_ROOT", "verl", "0.9.1")
     from minicai.oracle import verl_ppo
 
     path = tmp_path_factory.mktemp("verl") / "verl.safetensors"

@@ -15,9 +15,6 @@ launcher modules those files import but the functions used here never call, and 
 The rollout itself (vLLM in OpenRLHF) is a plain transformers `generate` at the same temperature.
 """
 
-import importlib.util
-import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +22,8 @@ import torch
 
 from minicai import MinicaiError
 from minicai.oracle.check import write_dump
-from minicai.oracle.tiny_models import EOS_ID, PAD_ID, VOCAB, models
+from minicai.oracle.sources import dist_version, load_sources, main
+from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
 
 FILES = {  # module name -> file under the package root, loaded in this order
     "openrlhf.utils.logging_utils": "openrlhf/utils/logging_utils.py",
@@ -45,74 +43,27 @@ def load(root: str | Path) -> SimpleNamespace:
     if not (root / "openrlhf" / "models" / "loss.py").is_file():
         raise MinicaiError(f"{root}: no openrlhf/models/loss.py (fix: pip install --no-deps --target {root} "
                            "openrlhf==0.11.2)")
-    saved = {k: v for k, v in sys.modules.items() if k == "openrlhf" or k.startswith("openrlhf.")
-             or k in ("ray", "deepspeed")}
-    try:
-        for pkg in ("openrlhf", "openrlhf.utils", "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils",
-                    "openrlhf.trainer.ray"):
-            mod = types.ModuleType(pkg)
-            mod.__path__ = [str(root / pkg.replace(".", "/"))]
-            sys.modules[pkg] = mod
-        stubs = {"ray": types.ModuleType("ray"), "deepspeed": types.ModuleType("deepspeed"),
-                 "openrlhf.trainer.ray.launcher": types.ModuleType("openrlhf.trainer.ray.launcher")}
-        stubs["ray"].remote = lambda *a, **k: (lambda f: f)
-        stubs["openrlhf.trainer.ray.launcher"].RayActorGroup = object
-        sys.modules.update(stubs)
-        loaded = {}
-        for name, rel in FILES.items():
-            spec = importlib.util.spec_from_file_location(name, root / rel)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            loaded[name] = mod
-    finally:  # leave sys.modules as it was
-        for k in [k for k in sys.modules if k == "openrlhf" or k.startswith("openrlhf.") or k in ("ray", "deepspeed")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    loaded = load_sources(
+        root, ("openrlhf", "openrlhf.utils", "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils",
+               "openrlhf.trainer.ray"),
+        {"ray": {"remote": lambda *a, **k: (lambda f: f)}, "deepspeed": {},
+         "openrlhf.trainer.ray.launcher": {"RayActorGroup": object}}, FILES)
     u, loss, em = (loaded["openrlhf.models.utils"], loaded["openrlhf.models.loss"],
                    loaded["openrlhf.trainer.ppo_utils.experience_maker"])
     entropy = getattr(u.compute_entropy, "_torchdynamo_orig_callable", u.compute_entropy)  # skip torch.compile
     return SimpleNamespace(log_probs_from_logits=u.log_probs_from_logits, compute_approx_kl=u.compute_approx_kl,
                            compute_entropy=entropy, PolicyLoss=loss.PolicyLoss, ValueLoss=loss.ValueLoss,
-                           experience_maker=em, version=_version(root))
-
-
-def _version(root: Path) -> str:
-    for dist in root.glob("openrlhf-*.dist-info"):
-        return dist.name.split("-")[1]
-    return "unknown"
-
-
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(1) - 1).clamp(min=0)
+                           experience_maker=em, version=dist_version(root, "openrlhf"))
 
 
 def run(root: str | Path, out: str | Path, seed: int = 5, batch: int = 8, response_length: int = 8,
         temperature: float = 0.7, kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95) -> None:
     o = load(root)
     policy, ref, value, reward = models(seed)
-    with torch.no_grad():  # a reference that differs from the policy, so that the KL is not 0
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, len(VOCAB), (int(n),), generator=g).tolist()
-               for n in torch.randint(2, 5, (batch,), generator=g)]
-    P = max(map(len, prompts))
-    query = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts])
-    qmask = (query != PAD_ID).long()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        seqs = policy.generate(input_ids=query, attention_mask=qmask, do_sample=True, temperature=temperature,
-                               top_k=0, top_p=1.0, max_new_tokens=response_length, eos_token_id=EOS_ID,
-                               pad_token_id=PAD_ID)
-    resp = seqs[:, P:]
+    r = rollout(policy, ref, seed, batch, response_length, temperature)
+    seqs, P, resp, first, attn, pos, g = r.seqs, r.P, r.resp, r.first, r.attn, r.pos, r.g
     N = resp.shape[1]
-    is_eos = resp == EOS_ID
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((batch,), N))
-    action_mask = (torch.arange(N).expand(batch, N) <= first.unsqueeze(1)).long()  # through the first EOS
-    attn = torch.cat([qmask, action_mask], 1)
-    pos = _position_ids(attn)
+    action_mask = r.resp_mask  # through the first EOS
 
     def response_logits(model):  # [B, N, V]: column t predicts response token t
         with torch.no_grad():
@@ -177,12 +128,4 @@ def run(root: str | Path, out: str | Path, seed: int = 5, batch: int = 8, respon
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: python3 -m minicai.oracle.openrlhf_ppo OPENRLHF_ROOT OUT.safetensors", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(sys.argv[1], sys.argv[2])
-    except MinicaiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")
+    main(run, "minicai.oracle.openrlhf_ppo", "OPENRLHF_ROOT")

@@ -18,9 +18,6 @@ interior masked token (a multi-turn observation), where verl's GAE differs from 
 those of a later minibatch (ratios up to about 4.5, where the dual-clip acts).
 """
 
-import importlib.util
-import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +25,8 @@ import torch
 
 from minicai import MinicaiError
 from minicai.oracle.check import write_dump
-from minicai.oracle.tiny_models import EOS_ID, PAD_ID, VOCAB, models
+from minicai.oracle.sources import dist_version, load_sources, main
+from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
 
 
 class _ActorConfig(dict):
@@ -43,39 +41,19 @@ def load(root: str | Path) -> SimpleNamespace:
     if not (root / "verl" / "trainer" / "ppo" / "core_algos.py").is_file():
         raise MinicaiError(f"{root}: no verl/trainer/ppo/core_algos.py (fix: pip install --no-deps --target {root} "
                            "verl==0.9.1)")
-    names = ("verl", "omegaconf", "tensordict")
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in names}
-    try:
-        for pkg in ("verl", "verl.utils", "verl.trainer", "verl.trainer.ppo", "verl.workers"):
-            mod = types.ModuleType(pkg)
-            mod.__path__ = [str(root / pkg.replace(".", "/"))]
-            sys.modules[pkg] = mod
-        stub = {"omegaconf": ("DictConfig",), "tensordict": ("TensorDict",), "verl.trainer.config": ("AlgoConfig",),
-                "verl.workers.config": ("ActorConfig",)}
-        for name, classes in stub.items():
-            mod = types.ModuleType(name)
-            for c in classes:
-                setattr(mod, c, type(c, (), {}))
-            sys.modules[name] = mod
-        sys.modules["verl.utils"].as_torch_index = sys.modules["verl.utils"].group_mean_std = None  # unused here
-        loaded = {}
-        for name, rel in (("verl.utils.device", "verl/utils/device.py"),
-                          ("verl.utils.import_utils", "verl/utils/import_utils.py"),
-                          ("verl.utils.torch_functional", "verl/utils/torch_functional.py"),
-                          ("verl.trainer.ppo.core_algos", "verl/trainer/ppo/core_algos.py")):
-            spec = importlib.util.spec_from_file_location(name, root / rel)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
-            loaded[name] = mod
-        sys.modules["verl.utils"].torch_functional = loaded["verl.utils.torch_functional"]
-    finally:  # leave sys.modules as it was
-        for k in [k for k in sys.modules if k.split(".")[0] in names]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    version = next((d.name.split("-")[1] for d in root.glob("verl-*.dist-info")), "unknown")
+    loaded = load_sources(
+        root, ("verl", "verl.utils", "verl.trainer", "verl.trainer.ppo", "verl.workers"),
+        {"omegaconf": {"DictConfig": type("DictConfig", (), {})},
+         "tensordict": {"TensorDict": type("TensorDict", (), {})},
+         "verl.trainer.config": {"AlgoConfig": type("AlgoConfig", (), {})},
+         "verl.workers.config": {"ActorConfig": type("ActorConfig", (), {})},
+         "verl.utils": {"as_torch_index": None, "group_mean_std": None}},  # unused here
+        {"verl.utils.device": "verl/utils/device.py", "verl.utils.import_utils": "verl/utils/import_utils.py",
+         "verl.utils.torch_functional": "verl/utils/torch_functional.py",
+         "verl.trainer.ppo.core_algos": "verl/trainer/ppo/core_algos.py"})
+    loaded["verl.utils"].torch_functional = loaded["verl.utils.torch_functional"]
     return SimpleNamespace(F=loaded["verl.utils.torch_functional"], core=loaded["verl.trainer.ppo.core_algos"],
-                           version=version)
+                           version=dist_version(root, "verl"))
 
 
 def run(root: str | Path, out: str | Path, seed: int = 7, batch: int = 6, response_length: int = 8,
@@ -83,29 +61,10 @@ def run(root: str | Path, out: str | Path, seed: int = 7, batch: int = 6, respon
     v = load(root)
     F, core = v.F, v.core
     policy, ref, value, reward = models(seed)
-    with torch.no_grad():  # a reference that differs from the policy, so that the KL is not 0
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, len(VOCAB), (int(n),), generator=g).tolist()
-               for n in torch.randint(2, 5, (batch,), generator=g)]
-    P = max(map(len, prompts))
-    query = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts])
-    qmask = (query != PAD_ID).long()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        seqs = policy.generate(input_ids=query, attention_mask=qmask, do_sample=True, temperature=temperature,
-                               top_k=0, top_p=1.0, max_new_tokens=response_length, eos_token_id=EOS_ID,
-                               pad_token_id=PAD_ID)
-    resp = seqs[:, P:]
+    r = rollout(policy, ref, seed, batch, response_length, temperature)
+    seqs, P, resp, first, attn, pos, g = r.seqs, r.P, r.resp, r.first, r.attn, r.pos, r.g
     N = resp.shape[1]
-    is_eos = resp == EOS_ID
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((batch,), N))
-    attn_resp = (torch.arange(N).expand(batch, N) <= first.unsqueeze(1)).long()  # verl get_response_mask
-    attn = torch.cat([qmask, attn_resp], 1)
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    mask = attn_resp.float()
+    mask = r.resp_mask.float()
     hole_row = int(torch.argmax(mask.sum(1)))  # the longest response gets a masked observation token at t = 2
     mask[hole_row, 2] = 0.0
 
@@ -161,12 +120,4 @@ def run(root: str | Path, out: str | Path, seed: int = 7, batch: int = 6, respon
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: python3 -m minicai.oracle.verl_ppo VERL_ROOT OUT.safetensors", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(sys.argv[1], sys.argv[2])
-    except MinicaiError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {sys.argv[2]} and {Path(sys.argv[2]).with_suffix('.json')}")
+    main(run, "minicai.oracle.verl_ppo", "VERL_ROOT")
