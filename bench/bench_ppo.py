@@ -48,8 +48,6 @@ BATCH, NEW_TOKENS, MINIBATCHES = 16, 64, 4
 def run_minicai(model_dir: Path, iterations: int, rollout_batch: int, dtype: str = "fp32") -> dict:
     import functools
 
-    import torch
-
     from minicai import precision
     from minicai.model import Transformer
     from minicai.ppo import PPOConfig, init_state, make_value_model, ppo_iteration, score_with_pm

@@ -64,7 +64,6 @@ from minicai.losses import (
     ppo_value_loss,
     temper,
     token_logprobs,
-    whiten,
 )
 from minicai.model import shared_prefix_length
 from minicai.run import check_finite
