@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minicai import distributed, ppo
+from minicai.losses import whiten
 from minicai.model import random_model, tiny_config
 from minicai.reward import RewardModel
 
@@ -145,7 +146,7 @@ def test_whitened_advantages_equal_the_single_process_ones(ppo_results):
     for p in parts:
         assert torch.allclose(p["advantages"], single["advantages"][p["rows"]], atol=1e-12, rtol=0)
     # per-process whitening (the bug this guards against) would differ
-    local = [ppo.whiten(single["advantages"][p["rows"]], single["advantages"][p["rows"]] != 0) for p in parts]
+    local = [whiten(single["advantages"][p["rows"]], single["advantages"][p["rows"]] != 0) for p in parts]
     assert not all(torch.allclose(a, single["advantages"][p["rows"]], atol=1e-3) for a, p in zip(local, parts))
 
 
