@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_ppo import OPENING, PROMPTS, STOP, count_reward, import_train_rl, make_models
+from test_ppo import OPENING, PROMPTS, STOP, import_train_rl, learn_programmatic_reward, make_models
 
 from minicai import MinicaiError, ppo
 from minicai import losses as L
@@ -272,14 +272,7 @@ def test_group_advantages_learn_a_programmatic_reward_with_bounded_kl(advantage,
     cfg = ppo.PPOConfig(batch_size=16, max_new_tokens=8, ppo_epochs=4, minibatch_size=8, policy_lr=3e-3,
                         kl_coef=0.3, kl_target=6.0, kl_horizon=32, advantage=advantage, group_size=4, kl_in=kl_in)
     state = ppo.init_state(policy, ref, None, cfg)
-    g = torch.Generator().manual_seed(0)
-    pool = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (64,), generator=g)]
-    history = []
-    for it in range(iterations):
-        prompts = [pool[i] for i in ppo.epoch_indices(len(pool), 4, it, seed=0, stream=1)]
-        _, stats = ppo.group_iteration(state, prompts, [str(p) for p in prompts], count_reward(target), cfg, seed=0)
-        assert stats["ratio_first_maxdev"] == 0.0
-        history.append(stats)
+    history = learn_programmatic_reward(state, cfg, ppo.group_iteration, 4, vocab, target, iterations)
     first = sum(h["score"] for h in history[:3]) / 3
     last = sum(h["score"] for h in history[-10:]) / 10
     assert last > first + 1.5, (first, last)

@@ -154,6 +154,22 @@ def test_sampler_mismatch_is_detected():
         ppo.check_sampler_logprobs(ro, torch.float32, cfg.logprob_tol)
 
 
+def learn_programmatic_reward(state, cfg, iterate, n_prompts: int, vocab: int, target: int,
+                              iterations: int) -> list[dict]:
+    """`iterations` RL iterations (`iterate`: ppo.ppo_iteration or ppo.group_iteration) on n_prompts prompts a time
+    from a fixed pool of random token prompts, rewarded +1 per target token; the ratio must be exactly 1 before
+    every iteration's first update. Returns each iteration's statistics."""
+    g = torch.Generator().manual_seed(0)
+    pool = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (64,), generator=g)]
+    history = []
+    for it in range(iterations):
+        prompts = [pool[i] for i in ppo.epoch_indices(len(pool), n_prompts, it, seed=0, stream=1)]
+        _, stats = iterate(state, prompts, [str(p) for p in prompts], count_reward(target), cfg, seed=0)
+        assert stats["ratio_first_maxdev"] == 0.0
+        history.append(stats)
+    return history
+
+
 def test_ppo_learns_a_programmatic_reward_with_bounded_kl():
     """+1 per target token: the mean reward rises clearly, while the adaptive controller brings KL back near its
     target (an unconstrained policy heads for 8 * log(32) = 27.7 nats by always emitting the target). Seeds 0-4 all
@@ -164,14 +180,7 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl():
     cfg = ppo.PPOConfig(batch_size=16, max_new_tokens=8, ppo_epochs=4, minibatch_size=8, policy_lr=3e-3,
                         value_lr=3e-3, kl_coef=0.3, kl_target=6.0, kl_horizon=32)
     state = ppo.init_state(policy, ref, value, cfg)
-    g = torch.Generator().manual_seed(0)
-    pool = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (64,), generator=g)]
-    history = []
-    for it in range(iterations):
-        prompts = [pool[i] for i in ppo.epoch_indices(len(pool), cfg.batch_size, it, seed=0, stream=1)]
-        _, stats = ppo.ppo_iteration(state, prompts, [str(p) for p in prompts], count_reward(target), cfg, seed=0)
-        assert stats["ratio_first_maxdev"] == 0.0
-        history.append(stats)
+    history = learn_programmatic_reward(state, cfg, ppo.ppo_iteration, cfg.batch_size, vocab, target, iterations)
     first = sum(h["score"] for h in history[:3]) / 3
     last = sum(h["score"] for h in history[-10:]) / 10
     assert last > first + 1.5, (first, last)
