@@ -223,7 +223,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
         b, P = ids.shape
         cache = model.new_cache(b, P)
         last = model.hidden_states(ids, mask, cache=cache)[:, -1]  # [b, D]: predicts every option's first token
-        first_logp = torch.log_softmax(model.lm_head(last).float(), -1)  # [b, V]
+        first_logp = torch.log_softmax(model.logits(last).float(), -1)  # [b, V]
         # Fork the prompt's cache: row i * K + k continues prompt i with option k.
         fork = cache.repeat_rows(K, P + L)  # [b * K] rows, room for the options
         cont_ids, cont_mask = opt_ids.repeat(b, 1), opt_mask.repeat(b, 1)  # [bK, L]
@@ -231,7 +231,7 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
         logp[:, 0] = first_logp.repeat_interleave(K, 0).gather(-1, cont_ids[:, :1]).squeeze(-1)
         if L > 1:  # option tokens 1.. are predicted by the hidden states at option tokens 0..L-2
             hidden = model.hidden_states(cont_ids[:, :-1], cont_mask[:, :-1], cache=fork)  # [bK, L-1, D]
-            rest = torch.log_softmax(model.lm_head(hidden).float(), -1)  # [bK, L-1, V]
+            rest = torch.log_softmax(model.logits(hidden).float(), -1)  # [bK, L-1, V]
             logp[:, 1:] = rest.gather(-1, cont_ids[:, 1:, None]).squeeze(-1)
         total = (logp * cont_mask).sum(-1).view(b, K)  # [b, K]
         out[torch.tensor(idx)] = total.cpu()
