@@ -135,7 +135,8 @@ def test_golden_cases_are_small_and_name_the_bugs_they_catch():
     assert sum(bool(c["catches"]) for c in cases) >= len(cases) - 4  # a few cases pin conventions, not bugs
     functions = {c["function"] for c in cases}
     assert {"token_rewards", "advantages", "whiten", "kl", "policy_loss", "value_loss", "logprobs", "entropy",
-            "response_mask", "aggregate", "aggregate_split", "group_advantages", "shifted_logprobs"} <= functions
+            "response_mask", "aggregate", "aggregate_split", "group_advantages", "shifted_logprobs", "dpo",
+            "dpo_sequence_logprobs"} <= functions
     kl_names = {k[3:-1] for c in cases if c["function"] == "kl" for out in c["expected"].values() for k in out}
     assert kl_names >= set(golden.ALL_KL_NAMES)  # every advertised estimator name, verl's "+" names included
 
@@ -237,8 +238,42 @@ def n_slot(conv, mrow):
     return last if last >= 0 else T - 1
 
 
+def n_logsigmoid(z):
+    """log(1 / (1 + e^-z)) without overflow or underflow: min(z, 0) - log(1 + e^-|z|)."""
+    return min(z, 0.0) - math.log1p(math.exp(-abs(z)))
+
+
+def n_dpo(variant, x, p):
+    beta = p["beta"]
+    rows = list(zip(x["logp_a"], x["logp_b"], x["ref_logp_a"], x["ref_logp_b"], x["p_a"]))
+    h = [(la - ra) - (lb - rb) for la, lb, ra, rb, _ in rows]
+    out = {"log_ratio_difference": h, "rewards_a": [beta * (la - ra) for la, _, ra, _, _ in rows],
+           "rewards_b": [beta * (lb - rb) for _, lb, _, rb, _ in rows]}
+    kept = [(hi, ra, rb, pa) for hi, ra, rb, (*_, pa) in zip(h, out["rewards_a"], out["rewards_b"], rows)]
+    if variant.startswith("hard"):  # rounded labels; a pair labelled 0.5 says nothing and is dropped
+        kept = [(hi, ra, rb, 1.0 if pa > 0.5 else 0.0) for hi, ra, rb, pa in kept if pa != 0.5]
+        if not kept:
+            raise ValueError
+    eps = p["label_smoothing"] if variant.endswith("-cdpo") else 0.0
+    losses = []
+    for hi, _, _, pa in kept:
+        q = eps + (1 - 2 * eps) * pa
+        losses.append(-(q * n_logsigmoid(beta * hi) + (1 - q) * n_logsigmoid(-beta * hi)))
+    out["loss"] = sum(losses) / len(losses)
+    decided = [(ra - rb if pa > 0.5 else rb - ra) for _, ra, rb, pa in kept if pa != 0.5]
+    out["reward_margin"] = sum(decided) / len(decided) if decided else math.nan
+    out["accuracy"] = sum(m > 0 for m in decided) / len(decided) if decided else math.nan
+    return out
+
+
 def naive(function, variant, x, p):
     """The same outputs as golden.run, computed from scratch."""
+    if function == "dpo":
+        return n_dpo(variant, x, p)
+    if function == "dpo_sequence_logprobs":
+        lg, ids, m = x["logits"], x["ids"], x["response_mask"]  # logits at t - 1 predict ids[t]
+        return {"logprobs": [sum(lg[b][t - 1][ids[b][t]] - n_lse(lg[b][t - 1]) for t in range(1, len(row)) if m[b][t])
+                             for b, row in enumerate(ids)]}
     if function == "aggregate":
         return {"loss": n_aggregate(x["per_token"], x["mask"], variant, p.get("constant"))}
     if function == "aggregate_split":

@@ -97,6 +97,10 @@ def _run(function: str, variant: str, x: dict, p: dict) -> dict:
         return {"advantages": R.group_advantages(x["scores"], variant)}
     if function == "shifted_logprobs":
         return {"logprobs": L.sequence_logprobs(x["logits"], x["ids"])}
+    if function == "dpo_sequence_logprobs":  # log pi(y|x): the response tokens' log-probs, summed (train_dpo.py)
+        return {"logprobs": L.masked_sum(L.sequence_logprobs(x["logits"], x["ids"]), x["response_mask"][:, 1:], 1)}
+    if function == "dpo":
+        return _dpo(variant, x, p)
     conv = PROFILES[variant]
     if function == "response_mask":
         return {"mask": R.response_mask(conv, x["ids"], p["eos_id"], p["pad_id"])}
@@ -130,6 +134,29 @@ def _run(function: str, variant: str, x: dict, p: dict) -> dict:
             raise ValueError(f"{conv.name} has no adaptive KL controller")
         return {"kl": R.adaptive_kl_measure(conv, x["kl"], x["mask"])}
     raise ValueError(f"unknown golden function {function!r}")
+
+
+DPO_VARIANTS = ["soft", "hard", "soft-cdpo", "hard-cdpo"]
+
+
+def _dpo(variant: str, x: dict, p: dict) -> dict:
+    """losses.py's DPO functions on one batch of pairs. Labels: "soft" the p_a given (the paper's PM targets),
+    "hard" p_a rounded to 0/1 with the pairs labelled 0.5 left out (train_dpo.hard_labels); "-cdpo" adds label
+    smoothing p["label_smoothing"] (conservative DPO). The implicit rewards and h do not depend on the labels."""
+    la, lb, ra, rb, pa = x["logp_a"], x["logp_b"], x["ref_logp_a"], x["ref_logp_b"], x["p_a"]
+    r_a, r_b = L.dpo_implicit_rewards(la, ra, p["beta"]), L.dpo_implicit_rewards(lb, rb, p["beta"])
+    out = {"log_ratio_difference": L.dpo_log_ratio_difference(la, lb, ra, rb), "rewards_a": r_a, "rewards_b": r_b}
+    if variant.startswith("hard"):
+        keep = pa != 0.5
+        if not bool(keep.any()):
+            raise ValueError("no pair carries a preference")
+        la, lb, ra, rb, r_a, r_b, pa = la[keep], lb[keep], ra[keep], rb[keep], r_a[keep], r_b[keep], pa[keep]
+        pa = (pa > 0.5).to(D)
+    eps = p["label_smoothing"] if variant.endswith("-cdpo") else 0.0
+    out["loss"] = L.dpo_loss(la, lb, ra, rb, pa, p["beta"], eps)
+    out["reward_margin"] = L.reward_margin(r_a, r_b, pa)
+    out["accuracy"] = L.preference_accuracy(r_a, r_b, pa)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,6 +279,32 @@ def _cases() -> list[dict]:
         catches=["maxtext#2103", "mlx-lm-lora#80", "PaLM-rlhf-pytorch#31"])
     add("adaptive-kl-input", "adaptive_kl_measure", "Per-sequence sum vs per-sequence token mean of the KL.",
         {"kl": [[0.1, 0.2, 0.3, G], [0.4, G, G, G]], "mask": [[1, 1, 1, 0], [1, 0, 0, 0]]})
+    # 12. DPO (Rafailov et al. 2023) on labelled pairs: the loss under soft, hard and smoothed labels, the implicit
+    # rewards, margin and accuracy, and the sequence log-probs they take
+    add("dpo-labels-ties-and-underflow", "dpo",
+        "Pair 1 has beta*h = -800 (sigmoid underflows to 0 in float64: log(sigmoid) gives inf, logsigmoid 160); "
+        "pair 2 is labelled 0.5 (in the soft loss, out of the hard one and of accuracy and margin); pair 3 ties "
+        "(r_A == r_B, counted wrong).",
+        {"logp_a": [-12.0, -8010.0, -7.25, -20.0], "logp_b": [-15.5, -9.0, -6.0, -4.0],
+         "ref_logp_a": [-13.0, -10.0, -7.25, -21.0], "ref_logp_b": [-14.0, -9.0, -6.0, -5.0],
+         "p_a": [0.9, 0.2, 0.5, 0.65]}, {"beta": 0.1, "label_smoothing": 0.1}, variants=DPO_VARIANTS,
+        catches=["tinker-cookbook#188", "DeepSpeedExamples#501"])
+    add("dpo-policy-equals-reference", "dpo",
+        "Before the first step the policy is the reference: h = 0, the loss is log 2 under any labels, every pair "
+        "ties (accuracy 0, margin 0). A loss that stays here means the reference moves with the policy.",
+        {"logp_a": [-3.5, -40.25, -0.125, -11.0], "logp_b": [-9.0, -2.5, -17.75, -11.0],
+         "ref_logp_a": [-3.5, -40.25, -0.125, -11.0], "ref_logp_b": [-9.0, -2.5, -17.75, -11.0],
+         "p_a": [1.0, 0.0, 0.7, 0.5]}, {"beta": 0.5, "label_smoothing": 0.25}, variants=DPO_VARIANTS,
+        catches=["POVID#11", "ETO#14"])
+    seq_logits = [[[((b * 37 + t * 11 + v * 5) % 17 - 8) / 2.0 for v in range(8)] for t in range(6)]
+                  for b in range(4)]
+    seq_logits[3][2][0] = -INF  # a masked slot: its log-prob is -inf, which a mask that multiplies turns into nan
+    add("dpo-sequence-logprobs", "dpo_sequence_logprobs",
+        "log pi(y|x) = sum over the response tokens of log p(token | before it): logits at t predict ids[t + 1]; "
+        "prompt and padding tokens do not count (row 3: one response token, -inf at a padded slot).",
+        {"logits": seq_logits, "ids": [[1, 4, 6, 2, 3, 0], [1, 5, 3, 7, 2, 0], [1, 4, 6, 6, 5, 2], [1, 2, 0, 0, 0, 0]],
+         "response_mask": [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]},
+        variants=["any"], catches=["llm_related#33", "InternVL#1053"])
     return c
 
 
