@@ -14,6 +14,7 @@ sampler cut the response off). The held-out pairs are those train_pm.py held out
 
     python train_dpo.py                                   # runs/sl/model + runs/pm/{pairs,labels}.jsonl -> runs/dpo
     python train_dpo.py --labels hard --beta 0.1          # the usual hard-label DPO, for comparison
+    torchrun --nproc_per_node 2 train_dpo.py ...          # data parallel: each process takes its share of the pairs
 
 Outputs in --out (default runs/dpo): args.json, metrics.jsonl (one line per step, one per evaluation),
 checkpoints/step_N/ (policy, optimiser state; a rerun resumes from the newest; removed once model/ is complete),
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from minicai import MinicaiError, run
+from minicai import MinicaiError, distributed, run
 from minicai.data import iter_jsonl, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
@@ -289,6 +290,25 @@ def collate_pairs(pairs: list[Pair], pad_id: int, device) -> PairBatch:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The DPO step
+#
+# Under torchrun (minicai/distributed.py) every process draws the same micro-batches of pairs and takes its pairs
+# r, r + W, ... of each. Each process scales its micro-batch mean by its share of the micro-batch's pairs (local /
+# global count) and the gradients are summed, so the update is that of one process on the whole batch. Every
+# statistic (loss, accuracy, margin, log-ratios, the held-out metrics) is computed from the pairs of all processes
+# (gather_pairs), with the same functions one process uses.
+
+COLUMNS = ("logp_a", "logp_b", "ref_a", "ref_b", "p_a")  # per pair: its log-probs and its label; one row each
+
+
+def gather_pairs(columns: Tensor, rows: list[int], n: int) -> Tensor:
+    """The COLUMNS [5, n] of a global batch of n pairs, in every process, from this process's pairs `rows` of it
+    (distributed.my_rows), columns [5, len(rows)]: each process fills its pairs of a zero tensor and the tensors are
+    summed (x + 0 = x exactly). One process: `columns` itself."""
+    if not distributed.active():
+        return columns
+    out = torch.zeros((len(COLUMNS), n), dtype=columns.dtype, device=columns.device)
+    out[:, rows] = columns
+    return distributed.all_sum(out)
 
 
 def response_logprobs(model, batch: PairBatch) -> tuple[Tensor, Tensor]:
@@ -299,44 +319,54 @@ def response_logprobs(model, batch: PairBatch) -> tuple[Tensor, Tensor]:
     return seq[:B], seq[B:]
 
 
-def dpo_batch_loss(policy, ref_model, batch: PairBatch, cfg: DPOConfig, autocast) -> tuple[Tensor, dict]:
-    """The soft-label DPO loss of one batch (mean over its pairs) and its statistics (floats)."""
+def dpo_batch_loss(policy, ref_model, batch: PairBatch, cfg: DPOConfig, autocast) -> tuple[Tensor, Tensor]:
+    """The soft-label DPO loss of one batch (mean over its pairs) and its COLUMNS [5, B] (detached)."""
     with torch.no_grad(), autocast():
         ref_a, ref_b = response_logprobs(ref_model, batch)
     with autocast():
         logp_a, logp_b = response_logprobs(policy, batch)
     loss = dpo_loss(logp_a, logp_b, ref_a, ref_b, batch.p_a, cfg.beta, cfg.label_smoothing)
-    with torch.no_grad():
-        r_a = dpo_implicit_rewards(logp_a, ref_a, cfg.beta)  # [B]
-        r_b = dpo_implicit_rewards(logp_b, ref_b, cfg.beta)
-        log_ratio = torch.cat([logp_a - ref_a, logp_b - ref_b])  # [2B] log pi(y)/pi_ref(y) per response
-        stats = {"accuracy": preference_accuracy(r_a, r_b, batch.p_a),
-                 "reward_margin": reward_margin(r_a, r_b, batch.p_a),
-                 "reward_a": float(r_a.mean()), "reward_b": float(r_b.mean()),
-                 "log_ratio_mean": float(log_ratio.mean()), "log_ratio_max_abs": float(log_ratio.abs().max()),
-                 "logp_a": float(logp_a.mean()), "logp_b": float(logp_b.mean())}
-    return loss, stats
+    columns = torch.stack([logp_a.detach(), logp_b.detach(), ref_a, ref_b, batch.p_a.to(logp_a.dtype)])
+    return loss, columns
+
+
+@torch.no_grad()
+def batch_stats(columns: Tensor, cfg: DPOConfig) -> dict:
+    """The loss and statistics (floats) of a batch of pairs from its COLUMNS [5, B]."""
+    logp_a, logp_b, ref_a, ref_b, p_a = columns  # [B] each
+    r_a = dpo_implicit_rewards(logp_a, ref_a, cfg.beta)  # [B]
+    r_b = dpo_implicit_rewards(logp_b, ref_b, cfg.beta)
+    log_ratio = torch.cat([logp_a - ref_a, logp_b - ref_b])  # [2B] log pi(y)/pi_ref(y) per response
+    return {"loss": float(dpo_loss(logp_a, logp_b, ref_a, ref_b, p_a, cfg.beta, cfg.label_smoothing)),
+            "accuracy": preference_accuracy(r_a, r_b, p_a), "reward_margin": reward_margin(r_a, r_b, p_a),
+            "reward_a": float(r_a.mean()), "reward_b": float(r_b.mean()),
+            "log_ratio_mean": float(log_ratio.mean()), "log_ratio_max_abs": float(log_ratio.abs().max()),
+            "logp_a": float(logp_a.mean()), "logp_b": float(logp_b.mean())}
 
 
 @torch.no_grad()
 def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int, autocast) -> dict:
     """Held-out DPO metrics: the loss, preference accuracy of the implicit rewards against the labels (p_a > 0.5:
     A better; ties wrong; p_a == 0.5 left out), reward margin (mean r_better - r_worse) and the log-ratios to the
-    reference. Before training the policy equals the reference: every pair ties, so accuracy and margin are 0."""
+    reference. Before training the policy equals the reference: every pair ties, so accuracy and margin are 0.
+    Under torchrun each process scores its pairs r, r + W, ... and the metrics are those of all pairs."""
     if not pairs:
         return {"n": 0}
     was_training = policy.training
     policy.eval()
+    rows = distributed.my_rows(len(pairs))
+    mine = [pairs[i] for i in rows]
     columns = {"logp_a": [], "logp_b": [], "ref_a": [], "ref_b": [], "p_a": []}
-    for s in range(0, len(pairs), cfg.eval_batch_size):
-        batch = collate_pairs(pairs[s : s + cfg.eval_batch_size], pad_id, policy.device)
+    for s in range(0, len(mine), cfg.eval_batch_size):
+        batch = collate_pairs(mine[s : s + cfg.eval_batch_size], pad_id, policy.device)
         with autocast():
             ref_a, ref_b = response_logprobs(ref_model, batch)
             logp_a, logp_b = response_logprobs(policy, batch)
         for name, x in zip(columns, (logp_a, logp_b, ref_a, ref_b, batch.p_a)):
             columns[name].append(x.double().cpu())
     policy.train(was_training)
-    logp_a, logp_b, ref_a, ref_b, p_a = (torch.cat(x) for x in columns.values())  # [N] each, float64
+    local = torch.stack([torch.cat(x) if x else torch.zeros(0, dtype=torch.float64) for x in columns.values()])
+    logp_a, logp_b, ref_a, ref_b, p_a = gather_pairs(local, rows, len(pairs))  # [N] each, float64
     r_a, r_b = dpo_implicit_rewards(logp_a, ref_a, cfg.beta), dpo_implicit_rewards(logp_b, ref_b, cfg.beta)
     log_ratio = torch.cat([logp_a - ref_a, logp_b - ref_b])  # [2N]
     loss = dpo_loss(logp_a, logp_b, ref_a, ref_b, p_a, cfg.beta, cfg.label_smoothing)
@@ -351,20 +381,34 @@ def make_optimizer(policy, cfg: DPOConfig) -> torch.optim.Optimizer:
                              fused=True)
 
 
-def dpo_step(policy, ref_model, opt, batches: list[PairBatch], cfg: DPOConfig, autocast) -> dict:
-    """One optimizer step: the loss of each micro-batch, averaged over them (equal weight per micro-batch), one
-    gradient-norm clip and one AdamW step. Returns the micro-batches' mean statistics, grad_norm and tokens."""
+def dpo_step(policy, ref_model, opt, batches: list[PairBatch | None], cfg: DPOConfig, autocast,
+             sizes: list[int] | None = None) -> dict:
+    """One optimizer step: the loss of each micro-batch (mean over its pairs), averaged over them (equal weight per
+    micro-batch), one gradient-norm clip and one AdamW step. Returns the micro-batches' mean statistics, grad_norm
+    and tokens.
+
+    Under torchrun, batches[i] holds this process's pairs distributed.my_rows(sizes[i]) of the i-th micro-batch of
+    sizes[i] pairs, or None when it has none of them; one process: sizes default to the batches' own sizes."""
+    sizes = sizes or [len(b.p_a) for b in batches]
     sums = {}
-    for batch in batches:
-        loss, batch_stats = dpo_batch_loss(policy, ref_model, batch, cfg, autocast)
-        (loss / len(batches)).backward()
-        for k, v in {"loss": float(loss.detach()), **batch_stats}.items():
-            sums[k] = sums.get(k, 0.0) + v / len(batches)
     params = [p for p in policy.parameters() if p.requires_grad]
+    for batch, n in zip(batches, sizes):
+        rows = distributed.my_rows(n)
+        if batch is not None:
+            loss, columns = dpo_batch_loss(policy, ref_model, batch, cfg, autocast)
+            # this process's share of the micro-batch mean: its pairs / all pairs (1 in one process)
+            (loss * (len(rows) / n) / len(batches)).backward()
+        else:  # more processes than pairs: nothing to compute; zeros go into the sums of gather_pairs
+            dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+            columns = torch.zeros((len(COLUMNS), 0), dtype=dtype, device=policy.device)
+        for k, v in batch_stats(gather_pairs(columns, rows, n), cfg).items():
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    distributed.all_reduce_grads(params)
     grad_norm = clip_grad_norm(params, cfg.clip if cfg.clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return {**sums, "grad_norm": float(grad_norm), "tokens": sum(b.tokens for b in batches)}
+    tokens = distributed.total(sum(b.tokens for b in batches if b is not None))
+    return {**sums, "grad_norm": float(grad_norm), "tokens": int(tokens)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,7 +468,12 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
     Micro-batches come from sft.micro_batches (a fresh seeded shuffle per epoch), so a resumed run skips the ones
     already used and repeats exactly what an uninterrupted run does. Each optimizer step averages the loss over its
     micro-batches (equal weight per pair). Logs {"phase": "dpo", step, loss, accuracy, reward_margin, ...} per step
-    and {"phase": "dpo_eval", step, ...} per held-out evaluation to out/metrics.jsonl."""
+    and {"phase": "dpo_eval", step, ...} per held-out evaluation to out/metrics.jsonl.
+
+    Under torchrun every process draws the same micro-batches and trains on its pairs of each (dpo_step); rank 0
+    alone writes the metrics and checkpoints, prints and shows the bar."""
+    main = distributed.is_main()
+    progress = progress and main
     if not train:
         raise MinicaiError("no DPO training pairs (all labelled 0.5 with --labels hard, or longer than --max-len); "
                            "fix: label more pairs or raise --max-len")
@@ -438,15 +487,17 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
     last = latest_checkpoint(checkpoints)
     if last is not None:
         start = load_checkpoint(last, policy, opt)
-        keep_steps_up_to(out / "metrics.jsonl", start)
-        print(f"resumed from {last} (step {start} of {steps})")
+        if main:
+            keep_steps_up_to(out / "metrics.jsonl", start)
+            print(f"resumed from {last} (step {start} of {steps})")
 
     def held_out_eval(step: int) -> None:
         if held_out:
             evals[step] = evaluate(policy, ref_model, held_out, cfg, tok.pad_id, autocast)
             run.log_metrics(out, {"phase": "dpo_eval", "step": step, **evals[step]})
-            tqdm.write(f"step {step}: held-out accuracy {evals[step]['accuracy']:.3f}, reward margin "
-                       f"{evals[step]['reward_margin']:.3g}, loss {evals[step]['loss']:.4f}")
+            if main:
+                tqdm.write(f"step {step}: held-out accuracy {evals[step]['accuracy']:.3f}, reward margin "
+                           f"{evals[step]['reward_margin']:.3g}, loss {evals[step]['loss']:.4f}")
 
     if start == 0:
         held_out_eval(0)
@@ -462,8 +513,10 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
             group["lr"] = lr
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         epoch = micro[-1][0]
-        batches = [collate_pairs([train[i] for i in idx], tok.pad_id, policy.device) for _, idx, _ in micro]
-        step_stats = dpo_step(policy, ref_model, opt, batches, cfg, autocast)
+        shares = [[idx[i] for i in distributed.my_rows(len(idx))] for _, idx, _ in micro]  # this process's pairs
+        batches = [collate_pairs([train[i] for i in share], tok.pad_id, policy.device) if share else None
+                   for share in shares]
+        step_stats = dpo_step(policy, ref_model, opt, batches, cfg, autocast, sizes=[len(idx) for _, idx, _ in micro])
         dt = time.perf_counter() - t0
         stats = {"phase": "dpo", "step": step + 1, "epoch": epoch, **step_stats, "lr": lr,
                  "tokens_per_s": step_stats["tokens"] / dt, "seconds": dt}
@@ -474,14 +527,16 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             held_out_eval(step + 1)
         if (step + 1) % save_every == 0 and step + 1 < steps:
-            save_checkpoint(checkpoints, policy, tok, opt, step + 1)
+            if main:  # every process holds the same weights and optimiser state
+                save_checkpoint(checkpoints, policy, tok, opt, step + 1)
+            distributed.barrier()
     bar.close()
     held_out_eval(steps)
     policy.eval()
     summary = {"steps": steps, "train_pairs": len(train), "held_out_pairs": len(held_out),
                "last_loss": stats.get("loss"), "last_accuracy": stats.get("accuracy"),
                "held_out": {"before": evals.get(0), "after": evals.get(steps)}}
-    if evals.get(0) is None and held_out:  # resumed: the evaluation before training is in metrics.jsonl
+    if evals.get(0) is None and held_out and main:  # resumed: the evaluation before training is in metrics.jsonl
         before = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("phase") == "dpo_eval" and r["step"] == 0]
         summary["held_out"]["before"] = {k: v for k, v in before[-1].items() if k not in ("time", "phase", "step")} \
             if before else None
@@ -502,15 +557,17 @@ def main(argv=None) -> None:
     device, dtype = run.setup(args)
     cfg = dpo_config(args)
     out = Path(args.out)
-    if args.force:
+    if args.force and distributed.is_main():
         for name in ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
+    distributed.barrier()
     if (out / "model" / "done.json").is_file():
-        print(f"{out / 'model'} is finished (done.json); nothing to do. Pass --force to train again.")
+        if distributed.is_main():
+            print(f"{out / 'model'} is finished (done.json); nothing to do. Pass --force to train again.")
         return
     if args.model not in (None, "default") and not (Path(args.model) / "config.json").is_file():
         raise MinicaiError(f"--model {args.model}: no HF-layout model there. Fix: run train_sl.py first (it writes "
@@ -529,18 +586,23 @@ def main(argv=None) -> None:
     held_out, dropped_eval = encode_pairs(tok, held_records, cfg.max_len)
     if cfg.labels == "hard":
         train, held_out = hard_labels(train), hard_labels(held_out)
-    print(f"policy and reference: {policy_dir}; {len(train)} training pairs, {len(held_out)} held out "
-          f"({dropped + dropped_eval} dropped: no response token within --max-len {cfg.max_len}); "
-          f"{cfg.labels} labels, beta {cfg.beta}")
+    if distributed.is_main():
+        print(f"policy and reference: {policy_dir}; {len(train)} training pairs, {len(held_out)} held out "
+              f"({dropped + dropped_eval} dropped: no response token within --max-len {cfg.max_len}); "
+              f"{cfg.labels} labels, beta {cfg.beta}")
 
     summary = train_dpo(policy, ref_model, tok, train, held_out, cfg, out, autocast, save_every=args.save_every,
                         eval_every=args.eval_every)
     summary.update(data=str(args.data), policy=str(policy_dir), dropped=dropped + dropped_eval,
                    config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1))
+    if not distributed.is_main():  # every process holds the same weights: rank 0 writes them and the summary
+        distributed.barrier()
+        return
     save_final(policy, tok, out / "model", summary)
     run.atomic_write_json(out / "summary.json", summary)
     cost = run.write_cost(out, time.perf_counter() - t0, device, resumed=run_had_checkpoint)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ is complete: nothing left to resume
+    distributed.barrier()
     after = summary["held_out"]["after"]
     if after:
         print(f"held-out: accuracy {after['accuracy']:.3f} (ties wrong), reward margin {after['reward_margin']:.3g}, "

@@ -160,3 +160,49 @@ def test_ppo_update_gives_the_single_process_weights(ppo_results):
     assert not torch.allclose(single["policy"]["lm_head.weight"], initial["lm_head.weight"])  # it trained
     for key in ("policy_loss", "value_loss", "clipfrac"):
         assert parts[0]["stats"][key] == parts[1]["stats"][key]  # metrics are global: the same in every process
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DPO (train_dpo.py): each process takes its pairs of every micro-batch; the loss is each micro-batch's mean over
+# its GLOBAL pair count, and every statistic is computed from the pairs of all processes
+
+
+def dpo_case() -> dict:
+    """Two DPO steps of 2 micro-batches through train_dpo.train_dpo, 10 training pairs of different lengths in
+    micro-batches of 3, 3 | 3, 1 (split 2 + 1 and 1 + 0 over 2 processes), and the held-out metrics of 3 pairs."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import train_dpo as T
+
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 128, (n,), generator=g).tolist()
+
+    pairs = [T.Pair(i, ids(3 + i % 4), ids(2 + i % 3), ids(5 - i % 4), (0.9, 0.2, 0.5, 0.7, 1.0)[i % 5])
+             for i in range(13)]
+    policy = random_model(tiny_config(), seed=5, dtype=torch.float64)
+    ref = copy.deepcopy(policy)
+    cfg = T.DPOConfig(beta=0.5, steps=2, lr=1e-3, warmup=0, batch_size=3, grad_accum=2, eval_batch_size=2)
+    _, autocast = T.precision(torch.device("cpu"), torch.float64)
+    with tempfile.TemporaryDirectory() as out:
+        summary = T.train_dpo(policy, ref, SimpleNamespace(pad_id=0), pairs[:10], pairs[10:], cfg, Path(out),
+                              autocast, save_every=100, progress=False)
+    return {"weights": policy.state_dict(), "summary": summary}
+
+
+CASES["dpo"] = dpo_case
+
+
+def test_dpo_steps_give_the_single_process_weights_and_global_metrics(results):
+    single, parts = results["dpo"]
+    for p in parts:
+        assert_same_weights(single["weights"], p["weights"], "dpo")
+        assert p["summary"]["last_loss"] == pytest.approx(single["summary"]["last_loss"], abs=1e-12)
+        assert p["summary"]["last_accuracy"] == pytest.approx(single["summary"]["last_accuracy"], abs=1e-12)
+        for when in ("before", "after"):  # held-out: each process scored its pairs, the metrics are of all 3
+            assert p["summary"]["held_out"][when] == pytest.approx(single["summary"]["held_out"][when], abs=1e-12)
+    assert single["summary"]["held_out"]["after"]["n"] == 3
+    initial = random_model(tiny_config(), seed=5, dtype=torch.float64).state_dict()
+    assert not torch.allclose(single["weights"]["lm_head.weight"], initial["lm_head.weight"])  # it trained
