@@ -21,9 +21,8 @@ from types import SimpleNamespace
 import torch
 
 from minicai import MinicaiError
-from minicai.oracle.check import write_dump
-from minicai.oracle.sources import dist_version, load_sources, main
-from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
+from minicai.oracle.sources import dist_version, load_sources, main, write_ppo_dump
+from minicai.oracle.tiny_models import models, rollout
 
 FILES = {  # module name -> file under the package root, loaded in this order
     "openrlhf.utils.logging_utils": "openrlhf/utils/logging_utils.py",
@@ -118,13 +117,9 @@ def run(root: str | Path, out: str | Path, seed: int = 5, batch: int = 8, respon
                "advantages_raw": captured["advantages_raw"], "returns": captured["returns"],
                "advantages": exp.advantages, "pg_loss": pg_loss.reshape(()), "vf_loss": vf_loss.reshape(()),
                "entropy_tokens": entropy * action_mask}
-    meta = {"framework": "openrlhf", "version": o.version, "convention": "openrlhf", "dtype": "float32",
-            "temperature": temperature, "kl_coef": kl_coef, "kl_estimator": "k3", "gamma": gamma, "lam": lam,
-            "clip_low": 0.2, "clip_high": 0.2, "value_clip": 0.5, "loss_agg_mode": "token-mean",
-            "missing_eos_penalty": None, "whiten_advantages": True, "first_minibatch": True,
-            "rollout": "transformers generate (stands in for vLLM)", "eos_id": EOS_ID, "pad_id": PAD_ID}
-    write_dump(out, {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in tensors.items()},
-               meta)
+    write_ppo_dump(out, tensors, {"framework": "openrlhf", "version": o.version, "temperature": temperature,
+                                  "kl_coef": kl_coef, "kl_estimator": "k3", "gamma": gamma, "lam": lam,
+                                  "first_minibatch": True, "rollout": "transformers generate (stands in for vLLM)"})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 openrlhf_ppo.py and verl_ppo.py run a few of a published package's functions as they are: its directories become
 bare namespace packages, the modules its files import but the functions used never call become empty stand-ins,
-and the files are executed in order. `sys.modules` is left as it was afterwards. `main` is their command line.
+and the files are executed in order. `sys.modules` is left as it was afterwards. `write_ppo_dump` writes what they
+computed, `main` is their command line.
 """
 
 import importlib.util
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from minicai import MinicaiError
+from minicai.oracle.check import write_dump
+from minicai.oracle.tiny_models import EOS_ID, PAD_ID
 
 
 def load_sources(root: Path, packages: tuple[str, ...], stubs: dict[str, dict[str, object]],
@@ -45,6 +48,17 @@ def load_sources(root: Path, packages: tuple[str, ...], stubs: dict[str, dict[st
 def dist_version(root: Path, name: str) -> str:
     """The version in root's `name-VERSION.dist-info` directory (pip --target writes one), else "unknown"."""
     return next((d.name.split("-")[1] for d in root.glob(f"{name}-*.dist-info")), "unknown")
+
+
+def write_ppo_dump(out: str | Path, tensors: dict, meta: dict) -> None:
+    """check.write_dump of the tensors (floating ones as float32) and of `meta` over the settings both
+    openrlhf_ppo and verl_ppo run with: the framework's own convention, float32, PPO clip 0.2 either way, value clip
+    0.5, token-mean losses, whitened advantages, no missing-EOS penalty, the tiny tokenizer's EOS and pad ids."""
+    shared = {"convention": meta["framework"], "dtype": "float32", "clip_low": 0.2, "clip_high": 0.2,
+              "value_clip": 0.5, "loss_agg_mode": "token-mean", "missing_eos_penalty": None, "whiten_advantages": True,
+              "eos_id": EOS_ID, "pad_id": PAD_ID}
+    write_dump(out, {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in tensors.items()},
+               {**shared, **meta})
 
 
 def main(run: Callable[[str, str], None], module: str, root_name: str) -> None:

@@ -24,9 +24,8 @@ from types import SimpleNamespace
 import torch
 
 from minicai import MinicaiError
-from minicai.oracle.check import write_dump
-from minicai.oracle.sources import dist_version, load_sources, main
-from minicai.oracle.tiny_models import EOS_ID, PAD_ID, models, rollout
+from minicai.oracle.sources import dist_version, load_sources, main, write_ppo_dump
+from minicai.oracle.tiny_models import models, rollout
 
 
 class _ActorConfig(dict):
@@ -110,13 +109,10 @@ def run(root: str | Path, out: str | Path, seed: int = 7, batch: int = 6, respon
                "scores": scores, "kl": kld, "token_rewards": token_rewards,
                "advantages_raw": captured["advantages_raw"], "advantages": adv, "returns": returns,
                "pg_loss": pg_loss.reshape(()), "vf_loss": vf_loss.reshape(()), "entropy_tokens": entropy * mask}
-    meta = {"framework": "verl", "version": v.version, "convention": "verl", "dtype": "float32",
-            "temperature": temperature, "kl_coef": kl_coef, "kl_estimator": "low_var_kl", "gamma": gamma,
-            "lam": lam, "clip_low": 0.2, "clip_high": 0.2, "value_clip": 0.5, "loss_agg_mode": "token-mean",
-            "missing_eos_penalty": None, "whiten_advantages": True, "first_minibatch": False,
-            "rollout": "transformers generate (stands in for vLLM/SGLang)", "eos_id": EOS_ID, "pad_id": PAD_ID}
-    write_dump(out, {k: t.detach().float() if t.is_floating_point() else t.detach() for k, t in tensors.items()},
-               meta)
+    write_ppo_dump(out, tensors, {"framework": "verl", "version": v.version, "temperature": temperature,
+                                  "kl_coef": kl_coef, "kl_estimator": "low_var_kl", "gamma": gamma, "lam": lam,
+                                  "first_minibatch": False,
+                                  "rollout": "transformers generate (stands in for vLLM/SGLang)"})
 
 
 if __name__ == "__main__":
