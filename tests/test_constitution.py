@@ -215,30 +215,33 @@ def test_project_comparison_examples():
         assert ex.better and ex.worse and ex.better != ex.worse
 
 
-def test_paper_critique_fewshot_prompts():
-    path = paper_file("CritiqueRevisionFewShotPrompts.json")
+def paper_examples(name: str, load) -> list[tuple]:
+    """(example, the paper's record it came from) for every demonstration in the paper's file `name`, read with
+    `load`: one example per record, none lost or merged."""
+    path = paper_file(name)
     raw = json.loads(path.read_text())
-    examples = load_critique_examples(path)
+    examples = load(path)
     assert len(examples) == len(raw)
-    for ex, text in zip(examples, raw):
+    return list(zip(examples, raw))
+
+
+def test_paper_critique_fewshot_prompts():
+    pairs = paper_examples("CritiqueRevisionFewShotPrompts.json", load_critique_examples)
+    for ex, text in pairs:
         roles = [m["role"] for m in ex.conversation]
         assert roles[-1] == "assistant" and roles[0] == "user"
         assert roles.count("user") == text.count("\n\nHuman:") - text.rstrip().endswith("Human:")
         assert "\n\nRevision: " + ex.revision in text
         assert not ex.revision.endswith("Human:")
         assert text.count("\n\nCritique: " + ex.critique) == 1
-    first = examples[0]
+    first, text = pairs[0]
     # The first demonstration has two exchanges: check its opening turn by hand.
-    assert first.conversation[0]["content"] == raw[0].split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
+    assert first.conversation[0]["content"] == text.split("\n\nHuman: ")[1].split("\n\nAssistant:")[0]
     assert len(first.conversation) == 4
 
 
 def test_paper_comparison_fewshot_prompts():
-    path = paper_file("RLMadisonFewShotPrompts.json")
-    raw = json.loads(path.read_text())
-    examples = load_comparison_examples(path)
-    assert len(examples) == len(raw)
-    for ex, rec in zip(examples, raw):
+    for ex, rec in paper_examples("RLMadisonFewShotPrompts.json", load_comparison_examples):
         assert ex.conversation[-1]["role"] == "user"
         assert rec["prompt"].startswith("\n\nHuman: " + ex.conversation[0]["content"])
         assert ex.better == rec["corrects"][0].strip() and ex.worse == rec["incorrects"][0].strip()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import left_padded_batch, make_hf_model
+from test_model import cached_hidden_states, left_padded_batch, make_hf_model
 
 from minicai import fast
 from minicai.model import Transformer, random_model, tiny_config
@@ -112,11 +112,7 @@ def test_fast_cached_decoding_equals_reference_full_forward():
     ref, quick = pair(seed=3)
     with torch.no_grad():
         full = ref.hidden_states(ids, mask)
-        cache = quick.new_cache(ids.shape[0], ids.shape[1])
-        steps = [quick.hidden_states(ids[:, :8], mask[:, :8], cache=cache)]
-        for t in range(8, ids.shape[1]):
-            steps.append(quick.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache))
-    assert ((torch.cat(steps, dim=1) - full).abs() * mask[..., None]).max().item() < 1e-12
+    assert ((cached_hidden_states(quick, ids, mask) - full).abs() * mask[..., None]).max().item() < 1e-12
 
 
 def test_padding_is_not_computed():

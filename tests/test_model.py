@@ -2,6 +2,7 @@
 strict, saving round-trips, damaged files are named. (fast.py is held to this model in test_fast.py.)"""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,17 +90,24 @@ def test_bfloat16_runs_and_stays_close():
     assert ((bf.float() - ref) * mask[..., None]).abs().max().item() < 0.05
 
 
+@torch.no_grad()
+def cached_hidden_states(model, ids, mask, prefill: int = 8):
+    """The hidden states of a batch decoded through the preallocated KV cache: its first `prefill` columns in one
+    pass, then one column per pass, concatenated: [B, T], [B, T] -> [B, T, H]."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    steps = [model.hidden_states(ids[:, :prefill], mask[:, :prefill], cache=cache)]
+    for t in range(prefill, ids.shape[1]):
+        steps.append(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache))
+    return torch.cat(steps, dim=1)
+
+
 def test_kv_cache_decoding_equals_full_forward():
     """Prefill + one-token steps through the preallocated cache give the full forward's hidden states."""
     model = random_model(tiny_config(vocab_size=97), seed=3, dtype=torch.float64)
     ids, mask = left_padded_batch()
     with torch.no_grad():
         full = model.hidden_states(ids, mask)
-        cache = model.new_cache(ids.shape[0], ids.shape[1])
-        steps = [model.hidden_states(ids[:, :8], mask[:, :8], cache=cache)]
-        for t in range(8, ids.shape[1]):
-            steps.append(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache))
-    stepped = torch.cat(steps, dim=1)
+    stepped = cached_hidden_states(model, ids, mask)
     assert ((stepped - full).abs() * mask[..., None]).max().item() < 1e-12
 
 
@@ -181,24 +189,26 @@ def test_wrong_tensor_shape_names_the_tensor(tmp_path):
         Transformer.from_pretrained(path)
 
 
-def test_missing_tensor_is_named(tmp_path):
+def model_with_edited_weights(tmp_path, edit) -> Path:
+    """A tiny HF-layout model whose model.safetensors holds its weights after edit(state) (in place)."""
     from safetensors.torch import load_file, save_file
 
     path = make_hf_model(tmp_path, "llama_untied")
     state = load_file(path / "model.safetensors")
-    del state["model.norm.weight"]
+    edit(state)
     save_file(state, path / "model.safetensors")
+    return path
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = model_with_edited_weights(tmp_path, lambda state: state.pop("model.norm.weight"))
     with pytest.raises(MinicaiError, match="missing tensor.*model.norm.weight"):
         Transformer.from_pretrained(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    path = make_hf_model(tmp_path, "llama_untied")
-    state = load_file(path / "model.safetensors")
-    state["model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
-    save_file(state, path / "model.safetensors")
+    path = model_with_edited_weights(tmp_path, lambda state: state.update(
+        {"model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)}))
     with pytest.raises(MinicaiError, match="unexpected tensor 'model.layers.7.mlp.up_proj.weight'"):
         Transformer.from_pretrained(path)
 
