@@ -93,6 +93,17 @@ def pip_package_root(request, tmp_path_factory, env: str, package: str, version:
     return root
 
 
+def framework_dump(request, tmp_path_factory, module: str, env: str, package: str, version: str) -> Path:
+    """For an opt-in slow test: the dump that minicai.oracle.<module>.run(ROOT, OUT) writes from the published
+    package at ROOT (pip_package_root)."""
+    import importlib
+
+    root = pip_package_root(request, tmp_path_factory, env, package, version)
+    path = tmp_path_factory.mktemp(package) / f"{package}.safetensors"
+    importlib.import_module(f"minicai.oracle.{module}").run(root, path)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Tiny models gain nothing from a second thread, and on a busy machine one costs a lot (spin waits)."""

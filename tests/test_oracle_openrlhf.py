@@ -4,7 +4,7 @@ published functions (minicai/oracle/openrlhf_ppo.py). The package comes from OPE
 openrlhf/), or is fetched with `pip install --no-deps --target` (never touching torch)."""
 
 import pytest
-from conftest import pip_package_root
+from conftest import framework_dump
 
 from minicai.oracle import check as C
 
@@ -13,27 +13,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def orl_dump(tmp_path_factory, request):
-    root = pip_package_root(request, tmp_path_factory, "OPENRLHF_ROOT", "openrlhf", "0.11.2")
-    from minicai.oracle import openrlhf_ppo
-
-    path = tmp_path_factory.mktemp("orl") / "orl.safetensors"
-    openrlhf_ppo.run(root, path)
-    return path
+    return framework_dump(request, tmp_path_factory, "openrlhf_ppo", "OPENRLHF_ROOT", "openrlhf", "0.11.2")
 
 
 def test_openrlhf_dump_passes_under_openrlhf(orl_dump):
     rep = C.check_file(orl_dump)
-    print(rep.text())
-    assert rep.convention == "openrlhf" and rep.ok and all(r.verdict == "ok" for r in rep.rows), rep.text()
+    assert rep.convention == "openrlhf" and rep.clean, rep.text()
 
 
 def test_openrlhf_dump_under_minicai_explains_score_clip_and_biased_whitening(orl_dump):
     rep = C.check_file(orl_dump, convention="minicai")
-    print(rep.text())
-    assert rep.ok, rep.text()
-    explained = {r.quantity: r.note for r in rep.rows if r.verdict == "EXPLAINED"}
-    assert explained == {"token_rewards": "by openrlhf (score_clip: None -> 10.0)",
-                         "advantages": "by openrlhf (whiten_var: 'unbiased' -> 'biased')"}, rep.text()
+    assert rep.ok and rep.explained() == {"token_rewards": "by openrlhf (score_clip: None -> 10.0)",
+                                          "advantages": "by openrlhf (whiten_var: 'unbiased' -> 'biased')"}, rep.text()
     assert any(ok == "EXPLAINED" and "advantages_outside" in note for _, ok, note in rep.invariants)
 
 

@@ -30,7 +30,7 @@ def test_trl_dump_passes_under_trl_ppo(trl_dump):
     rep = C.check_file(trl_dump)
     print(rep.text())
     assert rep.convention == "trl-ppo" and rep.tolerance == "fp32"
-    assert rep.ok and all(r.verdict == "ok" for r in rep.rows), rep.text()
+    assert rep.clean, rep.text()
     assert {r.quantity for r in rep.rows} >= {"old_logprobs", "kl", "token_rewards", "advantages_raw", "returns",
                                               "advantages", "pg_loss", "vf_loss", "entropy_tokens"}
     tensors, _ = C.load_dump(trl_dump)
@@ -42,7 +42,7 @@ def test_trl_dump_under_minicai_reports_exactly_the_documented_differences(trl_d
     rep = C.check_file(trl_dump, convention="minicai")
     print(rep.text())
     assert rep.ok, rep.text()
-    explained = {r.quantity: r.note for r in rep.rows if r.verdict == "EXPLAINED"}
+    explained = rep.explained()
     assert set(explained) == {"token_rewards", "advantages_raw", "returns", "vf_loss"}, rep.text()
     assert explained["token_rewards"] == "by trl-ppo (score_position: 'last_valid' -> 'after_last_valid')"
     assert explained["advantages_raw"] == "by trl-ppo (value_extra: 0 -> 1)"

@@ -3,7 +3,7 @@ verl's trainer needs Ray, so the dump is built from its published functions (min
 package comes from VERL_ROOT (a directory holding verl/), or is fetched with `pip install --no-deps --target`."""
 
 import pytest
-from conftest import pip_package_root
+from conftest import framework_dump
 
 from minicai.oracle import check as C
 
@@ -12,29 +12,21 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def verl_dump(tmp_path_factory, request):
-    root = pip_package_root(request, tmp_path_factory, "VERL_ROOT", "verl", "0.9.1")
-    from minicai.oracle import verl_ppo
-
-    path = tmp_path_factory.mktemp("verl") / "verl.safetensors"
-    verl_ppo.run(root, path)
-    return path
+    return framework_dump(request, tmp_path_factory, "verl_ppo", "VERL_ROOT", "verl", "0.9.1")
 
 
 def test_verl_dump_passes_under_verl(verl_dump):
     rep = C.check_file(verl_dump)
-    print(rep.text())
-    assert rep.convention == "verl" and rep.ok and all(r.verdict == "ok" for r in rep.rows), rep.text()
+    assert rep.convention == "verl" and rep.clean, rep.text()
 
 
 def test_verl_dump_under_minicai_explains_skip_gae_dual_clip_and_kl_name(verl_dump):
     rep = C.check_file(verl_dump, convention="minicai")
-    print(rep.text())
     assert rep.ok, rep.text()
-    explained = {r.quantity: r.note for r in rep.rows if r.verdict == "EXPLAINED"}
-    assert explained == {"kl": "by verl (kl_names: no 'low_var_kl' -> 'low_var_kl' = k3)",
-                         "advantages_raw": "by verl (gae_hole: 'end' -> 'skip')",
-                         "returns": "by verl (gae_hole: 'end' -> 'skip')",
-                         "pg_loss": "by verl (dual_clip: None -> 3.0)"}, rep.text()
+    assert rep.explained() == {"kl": "by verl (kl_names: no 'low_var_kl' -> 'low_var_kl' = k3)",
+                               "advantages_raw": "by verl (gae_hole: 'end' -> 'skip')",
+                               "returns": "by verl (gae_hole: 'end' -> 'skip')",
+                               "pg_loss": "by verl (dual_clip: None -> 3.0)"}, rep.text()
 
 
 def test_verl_loss_normaliser_bug_is_named(verl_dump, tmp_path):

@@ -197,6 +197,15 @@ class Report:
     def ok(self) -> bool:
         return self.first is None and all(ok for _, ok, _ in self.invariants)  # "EXPLAINED" is truthy
 
+    @property
+    def clean(self) -> bool:
+        """ok with nothing explained: every stage and invariant agrees with the convention checked."""
+        return self.ok and not self.explained() and all(ok != "EXPLAINED" for _, ok, _ in self.invariants)
+
+    def explained(self) -> dict[str, str]:
+        """{quantity: "by PROFILE (axis: ours -> theirs)"} for each stage another profile explains."""
+        return {r.quantity: r.note for r in self.rows if r.verdict == "EXPLAINED"}
+
     def text(self) -> str:
         out = [f"dump {self.path}: declared {self.declared}, checked as {self.convention}, tolerance {self.tolerance}",
                f"{'quantity':<16} {'max|diff|':>10} {'median|diff|':>13} {'tolerance':>16}  verdict"]
