@@ -281,21 +281,22 @@ def _cases() -> list[dict]:
         {"kl": [[0.1, 0.2, 0.3, G], [0.4, G, G, G]], "mask": [[1, 1, 1, 0], [1, 0, 0, 0]]})
     # 12. DPO (Rafailov et al. 2023) on labelled pairs: the loss under soft, hard and smoothed labels, the implicit
     # rewards, margin and accuracy, and the sequence log-probs they take
+    def pairs(logp_a, logp_b, ref_logp_a, ref_logp_b, p_a) -> dict:  # one entry per pair: [B] each
+        return {"logp_a": logp_a, "logp_b": logp_b, "ref_logp_a": ref_logp_a, "ref_logp_b": ref_logp_b, "p_a": p_a}
+
     add("dpo-labels-ties-and-underflow", "dpo",
         "Pair 1 has beta*h = -800 (sigmoid underflows to 0 in float64: log(sigmoid) gives inf, logsigmoid 160); "
         "pair 2 is labelled 0.5 (in the soft loss, out of the hard one and of accuracy and margin); pair 3 ties "
         "(r_A == r_B, counted wrong).",
-        {"logp_a": [-12.0, -8010.0, -7.25, -20.0], "logp_b": [-15.5, -9.0, -6.0, -4.0],
-         "ref_logp_a": [-13.0, -10.0, -7.25, -21.0], "ref_logp_b": [-14.0, -9.0, -6.0, -5.0],
-         "p_a": [0.9, 0.2, 0.5, 0.65]}, {"beta": 0.1, "label_smoothing": 0.1}, variants=DPO_VARIANTS,
-        catches=["tinker-cookbook#188", "DeepSpeedExamples#501"])
+        pairs([-12.0, -8010.0, -7.25, -20.0], [-15.5, -9.0, -6.0, -4.0], [-13.0, -10.0, -7.25, -21.0],
+              [-14.0, -9.0, -6.0, -5.0], [0.9, 0.2, 0.5, 0.65]), {"beta": 0.1, "label_smoothing": 0.1},
+        variants=DPO_VARIANTS, catches=["tinker-cookbook#188", "DeepSpeedExamples#501"])
+    logp_a, logp_b = [-3.5, -40.25, -0.125, -11.0], [-9.0, -2.5, -17.75, -11.0]
     add("dpo-policy-equals-reference", "dpo",
         "Before the first step the policy is the reference: h = 0, the loss is log 2 under any labels, every pair "
         "ties (accuracy 0, margin 0). A loss that stays here means the reference moves with the policy.",
-        {"logp_a": [-3.5, -40.25, -0.125, -11.0], "logp_b": [-9.0, -2.5, -17.75, -11.0],
-         "ref_logp_a": [-3.5, -40.25, -0.125, -11.0], "ref_logp_b": [-9.0, -2.5, -17.75, -11.0],
-         "p_a": [1.0, 0.0, 0.7, 0.5]}, {"beta": 0.5, "label_smoothing": 0.25}, variants=DPO_VARIANTS,
-        catches=["POVID#11", "ETO#14"])
+        pairs(logp_a, logp_b, logp_a, logp_b, [1.0, 0.0, 0.7, 0.5]), {"beta": 0.5, "label_smoothing": 0.25},
+        variants=DPO_VARIANTS, catches=["POVID#11", "ETO#14"])
     seq_logits = [[[((b * 37 + t * 11 + v * 5) % 17 - 8) / 2.0 for v in range(8)] for t in range(6)]
                   for b in range(4)]
     seq_logits[3][2][0] = -INF  # a masked slot: its log-prob is -inf, which a mask that multiplies turns into nan
