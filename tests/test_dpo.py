@@ -384,3 +384,16 @@ def test_train_dpo_help(capsys):
     for flag in ("--data", "--beta", "--labels", "--label-smoothing", "--eval-pairs", "--save-every", "--seed",
                  "--dtype", "--force", "--grad-accum"):
         assert flag in text
+
+
+def test_pipeline_starts_dpo_under_torchrun(tmp_path):
+    """pipeline.py --nproc-per-node 2 starts train_dpo.py under torchrun with 2 processes, as it does sl, pm and rl."""
+    import pipeline
+
+    log = pipeline.main(["--tiny", "--out", str(tmp_path), "--nproc-per-node", "2", "--rl-methods", "dpo",
+                         "--dry-run"])
+    commands = {s["stage"]: s["command"] for s in log["stages"]}
+    assert set(commands) == {"sl", "pm", "dpo", "eval"}
+    for stage in ("sl", "pm", "dpo"):
+        assert "-m torch.distributed.run --standalone --nproc_per_node 2 " in commands[stage], commands[stage]
+        assert commands[stage].split(" --nproc_per_node 2 ")[1].startswith(pipeline.SCRIPTS[stage])
