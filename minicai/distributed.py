@@ -20,6 +20,7 @@ Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op o
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minicai.losses import masked_mean as local_masked_mean
 from minicai.losses import whiten as local_whiten
 
 
@@ -101,18 +103,73 @@ def total(x: float | int, device=None) -> float:
     return float(all_sum(torch.tensor(float(x), dtype=torch.float64, device=device)))
 
 
+def local_rows(rows: Tensor, group: int = 1) -> Tensor:
+    """This process's part of a global minibatch: `rows` index the global batch, the result this process's rows.
+
+    The global batch is split in whole groups of `group` rows (1: rows; GRPO: the G responses to one prompt), group
+    g to rank g % W, in order: rank r holds groups r, r + W, ... (my_rows over the groups). One process: `rows`."""
+    if not active():
+        return rows
+    W, r = world(), rank()
+    mine = [int(i) for i in rows if int(i) // group % W == r]
+    return torch.tensor([i // group // W * group + i % group for i in mine], dtype=torch.long)
+
+
+def token_share(mask: Tensor) -> float:
+    """This process's part of a global minibatch's tokens (`mask`: its rows' response mask): local / global count,
+    1 in one process. A token-mean loss times this share, its gradients summed over processes (all_reduce_grads),
+    gives the gradient of the token mean over the global minibatch, whatever the split."""
+    if not active():
+        return 1.0
+    local = float(mask.sum())
+    everywhere = total(local)
+    return local / everywhere if everywhere > 0 else 0.0
+
+
+def sum_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic summed over processes, in one all-reduce (float64); one process: the numbers as they are.
+    Summing every process's token share of a token mean (token_share) gives the global token mean."""
+    if not active():
+        return dict(stats)
+    summed = all_sum(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()
+    return dict(zip(stats, summed))
+
+
+def largest(x: float) -> float:
+    """The largest x of any process; a process without one passes nan (nan everywhere: nan)."""
+    if not active():
+        return x
+    biggest = float(all_max(torch.tensor(-math.inf if math.isnan(x) else x, dtype=torch.float64)))
+    return math.nan if biggest == -math.inf else biggest
+
+
+# Logged statistics over every process's entries; in one process exactly the local expressions.
+
+
 def mean(values: Tensor) -> float:
     """The mean of the entries of `values` [n_local] over all processes' entries."""
+    if not active():
+        return float(values.mean())
     s = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
                                                           device=values.device)])
     s = all_sum(s)
     return float(s[0] / s[1].clamp(min=1))
 
 
-def token_share(local_count: float, global_count: float) -> float:
-    """The factor for this process's token-mean loss: local tokens / global tokens (summed gradients then give the
-    gradient of the global token mean)."""
-    return local_count / global_count if global_count > 0 else 0.0
+def std(values: Tensor) -> float:
+    """The standard deviation (Bessel-corrected) of the entries of `values` over all processes' entries; 0 for one."""
+    if not active():
+        return float(values.std()) if values.numel() > 1 else 0.0
+    mu, n = mean(values), total(values.numel())
+    return (total(((values.double() - mu) ** 2).sum()) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> float:
+    """losses.masked_mean over every process's masked entries."""
+    if not active():
+        return float(local_masked_mean(x, mask))
+    m = mask.to(x.dtype)
+    return total((x * m).sum()) / max(total(m.sum()), 1.0)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
