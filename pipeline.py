@@ -128,8 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "SL-CAI model and PM stage into <out>/rl (ppo), <out>/dpo, <out>/grpo, <out>/rloo, and "
                         "compared side by side by the eval stage (default: ppo)")
     p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="processes per training stage (sl, pm, rl), started with torchrun: one per GPU, or per group "
-                        "of CPU cores (gloo); the data generation runs in the first process (default: 1, no torchrun)")
+                   help="processes per training stage (sl, pm, rl, grpo, rloo; dpo runs in one), started with "
+                        "torchrun: one per GPU, or per group of CPU cores (gloo); the data generation runs in the "
+                        "first process (default: 1, no torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
     args = p.parse_args(argv)
     if args.tiny:
@@ -240,9 +241,9 @@ def launcher(nproc: int) -> list[str]:
 
 
 def stage_nproc(stage: str, nproc: int) -> int:
-    """Processes for a stage: --nproc-per-node for sl, pm and rl (PPO); train_dpo.py and train_rl.py's group
-    advantages (grpo, rloo) run in one process."""
-    return 1 if stage in METHOD_STAGES else nproc
+    """Processes for a stage: --nproc-per-node for sl, pm, rl (PPO), grpo and rloo (whole groups per process);
+    train_dpo.py runs in one process."""
+    return 1 if stage == "dpo" else nproc
 
 
 def run_stage(stage: str, argv: list[str], nproc: int = 1) -> None:
