@@ -3,17 +3,19 @@
     torchrun --nproc_per_node 2 train_rl.py ...     # one process per GPU (or per group of CPU cores)
 
 Every process holds the whole model and takes its share of each batch: rank r of W takes the rows r, r + W, r + 2W,
-... of every global batch (`my_rows`). After each backward pass the gradients are summed over the processes
-(`all_reduce_grads`), so every process applies the same update and the weights stay identical, as with
-DistributedDataParallel (which does the same sum, averaged, overlapped with the backward pass; the training passes
-here call model.hidden_states/logits rather than forward, which DDP's hooks would not see).
+... of every global batch (`my_rows`; GRPO/RLOO take whole groups, the responses to one prompt, the same way:
+`local_rows`). After each backward pass the gradients are summed over the processes (`all_reduce_grads`), so every
+process applies the same update and the weights stay identical, as with DistributedDataParallel (which does the
+same sum, averaged, overlapped with the backward pass; the training passes here call model.hidden_states/logits
+rather than forward, which DDP's hooks would not see).
 
 The rule that makes W processes equal one: every statistic is global, never per process. A token-mean loss is
 divided by the GLOBAL token count, so each process scales its local mean by local count / global count
 (`token_share`) and the gradients are summed, not averaged; the split of a batch over processes then changes
 nothing. Advantage whitening uses the global mean and variance (`whiten`), the KL controller and the logged metrics
-the global means (`mean`). Per-process statistics here are a known bug of public implementations
-(../shared/research/rlhf-conventions.md). Only rank 0 writes files and shows progress bars (`is_main`).
+the global means (`mean`, `masked_mean`; `sum_stats` adds up each process's token shares). Per-process statistics
+here are a known bug of public implementations (../shared/research/rlhf-conventions.md). Only rank 0 writes files
+and shows progress bars (`is_main`).
 
 Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op on a world of 1.
 """

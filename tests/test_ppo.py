@@ -86,6 +86,18 @@ def test_rollout_forward_passes_start_with_the_first_minibatch(monkeypatch, forw
     assert [rows for model, rows in calls if model == id(ref)] == want
 
 
+def test_minibatches_take_the_first_epoch_in_order_then_shuffle():
+    """ppo_step's and grpo_step's minibatch order: the first epoch in order (its first minibatch is the rollout's
+    first forward pass), every later epoch a fresh permutation of all rows, a pure function of the seed."""
+    batches = [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=5)]
+    assert batches[:3] == [[0, 1, 2], [3, 4, 5], [6]]
+    later = [sum(batches[3 * e : 3 * e + 3], []) for e in (1, 2)]
+    assert all(sorted(epoch) == list(range(7)) for epoch in later) and [len(b) for b in batches[3:]] == [3, 3, 1] * 2
+    assert later[0] != list(range(7)) and later[1] != later[0]
+    assert [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=5)] == batches
+    assert [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=6)] != batches
+
+
 @pytest.mark.parametrize("forward_batch_size", [16, 2], ids=["one_pass_after_the_first", "passes_of_2"])
 @pytest.mark.parametrize("prompts", [PROMPTS, SHARED_PROMPTS], ids=["no_shared_prefix", "shared_prefix"])
 def test_ratio_is_one_and_kl_zero_before_the_first_update(prompts, forward_batch_size):
