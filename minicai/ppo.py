@@ -291,7 +291,7 @@ def rollout(
     prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row. value_model None
     (GRPO, RLOO): no values (Rollout.values is None).
     first_pass_rows: how many leading rows form the first PPO minibatch (default: cfg.minibatch_size; under
-    torchrun, this process's share of it)."""
+    torchrun, this process's share of it, which may be 0)."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
