@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "SL-CAI model and PM stage into <out>/rl (ppo), <out>/dpo, <out>/grpo, <out>/rloo, and "
                         "compared side by side by the eval stage (default: ppo)")
     p.add_argument("--nproc-per-node", type=int, default=1,
-                   help="processes per training stage (sl, pm, rl, dpo), started with torchrun: one per GPU, or per "
+                   help="processes per training stage (sl, pm, rl, dpo, grpo, rloo), started with torchrun: one per GPU, or per "
                         "group of CPU cores (gloo); the data generation runs in the first process (default: 1, no "
                         "torchrun)")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands without running them")
@@ -240,12 +240,6 @@ def launcher(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
-def stage_nproc(stage: str, nproc: int) -> int:
-    """Processes for a stage: --nproc-per-node for sl, pm, rl (PPO) and dpo; train_rl.py's group advantages (grpo,
-    rloo) run in one process."""
-    return 1 if stage in ("grpo", "rloo") else nproc
-
-
 def run_stage(stage: str, argv: list[str], nproc: int = 1) -> None:
     from minicai import MinicaiError
 
@@ -286,7 +280,7 @@ def main(argv=None) -> dict:
     for stage in args.stages:
         argv_stage = stage_argv(stage, args, model, out)
         shown = ("python -m minicai.compare" if stage == "eval" else
-                 f"{shlex.join(launcher(stage_nproc(stage, args.nproc_per_node)))} {SCRIPTS[stage]}")
+                 f"{shlex.join(launcher(args.nproc_per_node))} {SCRIPTS[stage]}")
         line = f"{shown} {shlex.join(argv_stage)}"
         if stage_done(stage, out, argv_stage):
             print(f"== {stage}: finished ({out / stage / 'model' / 'done.json'}); reusing it")
@@ -297,7 +291,7 @@ def main(argv=None) -> dict:
             log["stages"].append({"stage": stage, "status": "dry-run", "command": line})
             continue
         t0 = time.time()
-        run_stage(stage, argv_stage, stage_nproc(stage, args.nproc_per_node))
+        run_stage(stage, argv_stage, args.nproc_per_node)
         log["stages"].append({"stage": stage, "status": "ran", "command": line,
                               "seconds": round(time.time() - t0, 1)})
         atomic_write_json(out / "pipeline.json", log)

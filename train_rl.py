@@ -10,7 +10,7 @@ AI feedback (train_pm.py) gives the reward. Every iteration:
 
 --advantage grpo|rloo replaces the value model and GAE by group advantages (GRPO, Shao et al. 2024; RLOO, Ahmadian
 et al. 2024): --group-size responses to each prompt, each response's reward compared with its group's, no value
-model; the KL in the reward or, with --kl-in loss, as GRPO's k3 loss term (minicai/ppo.py, "Group advantages").
+model; the KL in the reward or, with --kl-in loss, as GRPO's k3 loss term (minicai/grpo.py).
 
 Outputs in --out (default runs/rl): args.json, metrics.jsonl (one line per iteration), samples.jsonl (a few
 responses per iteration), checkpoints/iter_N/ (policy, value model, optimiser states, beta, iteration counter; a
@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from minicai import MinicaiError, distributed, precision
 from minicai.data import append_jsonl, read_jsonl, read_prompts, write_jsonl
+from minicai.grpo import group_iteration
 from minicai.losses import AGG_MODES, GROUP_SCALES
 from minicai.ppo import (
     KL_HORIZON_BATCHES,
     PPOConfig,
-    group_iteration,
     init_state,
     latest_checkpoint,
     load_checkpoint,
@@ -255,8 +255,8 @@ def main(argv=None) -> None:
         prompt_ids = [ids for _, (_, ids) in batch]
         ro, stats = iteration(state, prompt_ids, prompts, reward_fn, cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                               seed=args.seed)
-        batch = [item for item in batch for _ in range(G)]  # one per rollout row: row i answers prompt i // G
-        local = [batch[i] for i in distributed.my_rows(len(batch))]  # this process's rows (all without torchrun)
+        # one per row of this process's rollout: its prompts (all without torchrun), G rows each (row i: prompt i // G)
+        local = [batch[i] for i in distributed.my_rows(len(batch)) for _ in range(G)]
         for source in ("red_team", "helpful"):
             rows = [i for i, (s, _) in enumerate(local) if s == source]
             n = distributed.total(len(rows))

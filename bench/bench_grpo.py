@@ -43,7 +43,8 @@ def run_minicai(model_dir: Path, args) -> dict:
     import functools
 
     from minicai.model import Transformer
-    from minicai.ppo import PPOConfig, group_iteration, init_state, score_with_pm
+    from minicai.grpo import group_iteration
+    from minicai.ppo import PPOConfig, init_state, score_with_pm
     from minicai.reward import RewardModel
     from minicai.tokenizer import ChatTokenizer
 

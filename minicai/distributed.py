@@ -3,23 +3,26 @@
     torchrun --nproc_per_node 2 train_rl.py ...     # one process per GPU (or per group of CPU cores)
 
 Every process holds the whole model and takes its share of each batch: rank r of W takes the rows r, r + W, r + 2W,
-... of every global batch (`my_rows`). After each backward pass the gradients are summed over the processes
-(`all_reduce_grads`), so every process applies the same update and the weights stay identical, as with
-DistributedDataParallel (which does the same sum, averaged, overlapped with the backward pass; the training passes
-here call model.hidden_states/logits rather than forward, which DDP's hooks would not see).
+... of every global batch (`my_rows`; GRPO/RLOO take whole groups, the responses to one prompt, the same way:
+`local_rows`). After each backward pass the gradients are summed over the processes (`all_reduce_grads`), so every
+process applies the same update and the weights stay identical, as with DistributedDataParallel (which does the
+same sum, averaged, overlapped with the backward pass; the training passes here call model.hidden_states/logits
+rather than forward, which DDP's hooks would not see).
 
 The rule that makes W processes equal one: every statistic is global, never per process. A token-mean loss is
 divided by the GLOBAL token count, so each process scales its local mean by local count / global count
 (`token_share`) and the gradients are summed, not averaged; the split of a batch over processes then changes
 nothing. Advantage whitening uses the global mean and variance (`whiten`), the KL controller and the logged metrics
-the global means (`mean`). Per-process statistics here are a known bug of public implementations
-(../shared/research/rlhf-conventions.md). Only rank 0 writes files and shows progress bars (`is_main`).
+the global means (`mean`, `masked_mean`; `sum_stats` adds up each process's token shares). Per-process statistics
+here are a known bug of public implementations (../shared/research/rlhf-conventions.md). Only rank 0 writes files
+and shows progress bars (`is_main`).
 
 Outside torchrun (no WORLD_SIZE in the environment) everything here is a no-op on a world of 1.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from minicai.losses import masked_mean as local_masked_mean
 from minicai.losses import whiten as local_whiten
 
 
@@ -101,18 +105,73 @@ def total(x: float | int, device=None) -> float:
     return float(all_sum(torch.tensor(float(x), dtype=torch.float64, device=device)))
 
 
+def local_rows(rows: Tensor, group: int = 1) -> Tensor:
+    """This process's part of a global minibatch: `rows` index the global batch, the result this process's rows.
+
+    The global batch is split in whole groups of `group` rows (1: rows; GRPO: the G responses to one prompt), group
+    g to rank g % W, in order: rank r holds groups r, r + W, ... (my_rows over the groups). One process: `rows`."""
+    if not active():
+        return rows
+    W, r = world(), rank()
+    mine = [int(i) for i in rows if int(i) // group % W == r]
+    return torch.tensor([i // group // W * group + i % group for i in mine], dtype=torch.long)
+
+
+def token_share(mask: Tensor) -> float:
+    """This process's part of a global minibatch's tokens (`mask`: its rows' response mask): local / global count,
+    1 in one process. A token-mean loss times this share, its gradients summed over processes (all_reduce_grads),
+    gives the gradient of the token mean over the global minibatch, whatever the split."""
+    if not active():
+        return 1.0
+    local = float(mask.sum())
+    everywhere = total(local)
+    return local / everywhere if everywhere > 0 else 0.0
+
+
+def sum_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic summed over processes, in one all-reduce (float64); one process: the numbers as they are.
+    Summing every process's token share of a token mean (token_share) gives the global token mean."""
+    if not active():
+        return dict(stats)
+    summed = all_sum(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()
+    return dict(zip(stats, summed))
+
+
+def largest(x: float) -> float:
+    """The largest x of any process; a process without one passes nan (nan everywhere: nan)."""
+    if not active():
+        return x
+    biggest = float(all_max(torch.tensor(-math.inf if math.isnan(x) else x, dtype=torch.float64)))
+    return math.nan if biggest == -math.inf else biggest
+
+
+# Logged statistics over every process's entries; in one process exactly the local expressions.
+
+
 def mean(values: Tensor) -> float:
     """The mean of the entries of `values` [n_local] over all processes' entries."""
+    if not active():
+        return float(values.mean())
     s = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
                                                           device=values.device)])
     s = all_sum(s)
     return float(s[0] / s[1].clamp(min=1))
 
 
-def token_share(local_count: float, global_count: float) -> float:
-    """The factor for this process's token-mean loss: local tokens / global tokens (summed gradients then give the
-    gradient of the global token mean)."""
-    return local_count / global_count if global_count > 0 else 0.0
+def std(values: Tensor) -> float:
+    """The standard deviation (Bessel-corrected) of the entries of `values` over all processes' entries; 0 for one."""
+    if not active():
+        return float(values.std()) if values.numel() > 1 else 0.0
+    mu, n = mean(values), total(values.numel())
+    return (total(((values.double() - mu) ** 2).sum()) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> float:
+    """losses.masked_mean over every process's masked entries."""
+    if not active():
+        return float(local_masked_mean(x, mask))
+    m = mask.to(x.dtype)
+    return total((x * m).sum()) / max(total(m.sum()), 1.0)
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:

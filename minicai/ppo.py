@@ -24,10 +24,8 @@ Correctness checks that run every iteration (and are logged):
   the ratio is exactly 1 (`ratio_first_maxdev` == 0); policy and reference take the same passes, so at iteration
   0, where policy == reference, KL is exactly 0.
 
-GRPO / RLOO (PPOConfig.advantage "grpo" / "rloo"; group_iteration): no value model. G responses per prompt, each
-response's total reward compared with the others of its group (losses.group_advantages), that advantage on all
-its tokens; the same clipped surrogate, with the KL in the reward or as a k3 term of the loss, and a choice of loss
-aggregation (see "Group advantages" below).
+GRPO / RLOO (PPOConfig.advantage "grpo" / "rloo") replace the value model by group advantages: minicai/grpo.py,
+which takes the rollout, the forward passes and the checkpoints from here.
 
 Randomness: every random choice (prompt order, sampling, minibatch order) is drawn from a generator seeded with
 (seed, iteration, stream), so a run resumed from a checkpoint repeats exactly what an uninterrupted run does.
@@ -36,7 +34,6 @@ Randomness: every random choice (prompt order, sampling, minibatch order) is dra
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import shutil
 import time
@@ -53,12 +50,8 @@ from minicai.losses import (
     GROUP_SCALES,
     AdaptiveKLController,
     FixedKLController,
-    aggregate_loss,
     entropy_from_logits,
     gae,
-    group_advantages,
-    kl_penalty,
-    masked_mean,
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
@@ -101,7 +94,7 @@ class PPOConfig:
     truncation_penalty: float = 0.0  # added to the score of responses without a stop token (e.g. -1); 0 = off
     logprob_tol: float = 1e-3  # max |sampler log-prob - forward log-prob| allowed in float32 (bf16: see precision)
     share_prefix: bool = True  # run the prompts' common opening once per forward pass (exact up to float rounding)
-    # Critic-free group advantages (GRPO / RLOO; see "Group advantages" below). With advantage != "gae", batch_size
+    # Critic-free group advantages (GRPO / RLOO, minicai/grpo.py). With advantage != "gae", batch_size
     # counts responses: batch_size / group_size prompts, group_size samples each; there is no value model.
     advantage: str = "gae"  # gae: PPO with a value model | grpo (Shao et al. 2024) | rloo (Ahmadian et al. 2024)
     group_size: int = 4  # G responses per prompt (grpo, rloo)
@@ -129,6 +122,31 @@ class PPOConfig:
         problems += group_config_problems(self)
         if problems:
             raise MinicaiError("invalid PPO settings: " + "; ".join(problems) + ". Fix the corresponding flags.")
+
+
+ADVANTAGES = ("gae", "grpo", "rloo")
+KL_PLACES = ("reward", "loss")
+
+
+def group_config_problems(cfg: PPOConfig) -> list[str]:
+    """What is wrong with the group-advantage settings of cfg (PPOConfig.__post_init__ reports it)."""
+    if cfg.advantage not in ADVANTAGES:
+        return [f"advantage={cfg.advantage!r} (use one of {', '.join(ADVANTAGES)})"]
+    if cfg.advantage == "gae":
+        return []
+    problems = []
+    if cfg.group_size < 2 or cfg.batch_size % cfg.group_size:
+        problems.append(f"group_size={cfg.group_size} with batch_size={cfg.batch_size} (need group_size >= 2 "
+                        "dividing batch_size: batch_size counts responses, group_size per prompt)")
+    if cfg.kl_in not in KL_PLACES:
+        problems.append(f"kl_in={cfg.kl_in!r} (use reward or loss)")
+    if cfg.loss_agg not in AGG_MODES:
+        problems.append(f"loss_agg={cfg.loss_agg!r} (use one of {', '.join(AGG_MODES)})")
+    if cfg.group_scale is not None and cfg.group_scale not in GROUP_SCALES:
+        problems.append(f"group_scale={cfg.group_scale!r} (use one of {', '.join(GROUP_SCALES)})")
+    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.minibatch_size:
+        problems.append(f"micro_batch_size={cfg.micro_batch_size} (need 1..minibatch_size={cfg.minibatch_size})")
+    return problems
 
 
 # The adaptive controller's default horizon, in batches: beta closes at most 20% of its gap per 20 iterations whatever
@@ -213,7 +231,8 @@ def response_values(value_model, ids: Tensor, mask: Tensor, prompt_width: int, p
     return value_model.values(ids[:, :-1], mask[:, :-1], prefix=prefix_ids)[:, prompt_width - 1 :].float()
 
 
-def _chunks(n: int, size: int) -> list[slice]:
+def chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` of range(n): the passes over a batch."""
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -272,7 +291,7 @@ def rollout(
     prompt_ids: the rendered prompts (chat template + generation prompt), one token list per row. value_model None
     (GRPO, RLOO): no values (Rollout.values is None).
     first_pass_rows: how many leading rows form the first PPO minibatch (default: cfg.minibatch_size; under
-    torchrun, this process's share of it)."""
+    torchrun, this process's share of it, which may be 0)."""
     gen = generate(policy, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=stop_ids,
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
@@ -287,8 +306,8 @@ def rollout(
     # log-probs bit for bit (ratio exactly 1). Policy and reference take the same passes, so a reference equal to
     # the policy gives a KL of exactly 0.
     first = min(cfg.minibatch_size if first_pass_rows is None else first_pass_rows, B)
-    rest = _chunks(B - first, cfg.forward_batch_size)
-    passes = [slice(0, first)] + [slice(first + c.start, first + c.stop) for c in rest]
+    rest = chunks(B - first, cfg.forward_batch_size)
+    passes = ([slice(0, first)] if first else []) + [slice(first + c.start, first + c.stop) for c in rest]
     logp, ref_logp, values = [], [], []
     for rows in passes:
         logp.append(policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, prefix_ids)[0])
@@ -378,150 +397,114 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
     return norm
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], scaler, max_norm: float,
+                   phase: str, step: int, loss) -> Tensor:
+    """Apply the gradients that the backward passes left in `params`: sum them over processes (torchrun), unscale
+    them (fp16), clip their norm to max_norm, stop on a NaN/inf loss or norm before the update (run.check_finite),
+    step, and free them. Returns the norm before clipping."""
+    distributed.all_reduce_grads(params)
+    scaler.unscale_(opt)
+    norm = clip_grad_norm(params, max_norm)
+    check_finite(phase, step, loss=loss, grad_norm=None if scaler.is_enabled() else norm)  # fp16: the scaler's job
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def minibatches(n: int, size: int, epochs: int, seed: int):
+    """The rows [size] of each minibatch of `epochs` passes over n rows. The first pass takes the rows in order: its
+    first minibatch holds the rows of the rollout's first forward pass, which it then recomputes bit for bit (ratio
+    exactly 1); later passes shuffle, with a generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=g)
+        for chunk in chunks(n, size):
+            yield order[chunk]
+
+
 def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0,
              amp_dtype: torch.dtype | None = None, scalers: tuple | None = None) -> dict:
-    """cfg.ppo_epochs passes of minibatch updates over the rollout; returns mean statistics.
+    """cfg.ppo_epochs passes of minibatch updates over the rollout (minibatches); returns mean statistics.
 
     amp_dtype: the forward passes run under precision.autocast in this dtype (bf16/fp16; None: none), as the
     rollout's did, so the first minibatch still recomputes the old log-probs bit for bit. scalers: (policy, value)
     precision.grad_scaler objects (fp16 loss scaling; default: made here, disabled unless amp_dtype is fp16).
+    Policy and value model are separate networks with separate AdamW optimisers and separate gradient-norm clips, so
+    the two losses need no weighting against each other.
 
-    The first epoch takes the rows in order (its first minibatch is the rollout's first forward pass, so it
-    recomputes the old log-probs bit for bit: ratio exactly 1); later epochs shuffle. Policy and value model are
-    separate networks with separate AdamW optimisers and separate gradient-norm clips, so the two losses need no
-    weighting against each other."""
+    Under torchrun this process holds rows r, r + W, ... of the global batch: each global minibatch is split by that
+    rule (distributed.local_rows), each loss is a token mean over the GLOBAL minibatch (distributed.token_share) and
+    the gradients are summed (optimizer_step); the statistics are token means over the global minibatches."""
     B, P = ro.query_ids.shape
     ids, mask = ro.input_ids, ro.attention_mask
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value_model.parameters() if p.requires_grad]
-    # Under torchrun this process holds rows r, r + W, ... of the global batch (distributed.my_rows): each global
-    # minibatch is split by that rule, its losses are token means over the GLOBAL minibatch, gradients are summed.
-    W, r = distributed.world(), distributed.rank()
     if scalers is None:
         scalers = (precision.grad_scaler(ids.device, amp_dtype), precision.grad_scaler(ids.device, amp_dtype))
     policy_scaler, value_scaler = scalers
-    B_all = int(distributed.total(B)) if W > 1 else B
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {}  # each minibatch's statistics, times this process's token share
     steps = 0
     ratio_first_maxdev = float("nan")
-    for epoch in range(cfg.ppo_epochs):
-        order = torch.arange(B_all) if epoch == 0 else torch.randperm(B_all, generator=g)
-        for k, chunk in enumerate(_chunks(B_all, cfg.minibatch_size)):
-            rows = order[chunk]
-            if W > 1:
-                rows = torch.tensor([int(i) // W for i in rows if int(i) % W == r], dtype=torch.long)
-            rows = rows.to(ids.device)
-            m = ro.response_mask[rows]
-            share = distributed.token_share(float(m.sum()), distributed.total(m.sum())) if W > 1 else 1.0
-            if len(rows) == 0:  # nothing of this minibatch here: add zero gradients to the others' sums
-                for opt, params, scaler in ((policy_opt, policy_params, policy_scaler),
-                                            (value_opt, value_params, value_scaler)):
-                    opt.zero_grad(set_to_none=True)
-                    distributed.all_reduce_grads(params)
-                    scaler.unscale_(opt)
-                    clip_grad_norm(params, cfg.max_grad_norm)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                continue
-            # policy: clipped surrogate on whitened advantages
-            with precision.autocast(ids.device, amp_dtype):
-                logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
-            pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
-            if epoch == 0 and k == 0:  # before any update in this iteration: must be exactly 0
-                dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
-                ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
-            policy_opt.zero_grad(set_to_none=True)
-            policy_scaler.scale(pg_loss * share if W > 1 else pg_loss).backward()
-            distributed.all_reduce_grads(policy_params)
-            policy_scaler.unscale_(policy_opt)
-            pg_norm = clip_grad_norm(policy_params, cfg.max_grad_norm)
-            check_finite("ppo", steps + 1, loss=pg_loss,  # NaN/inf: stop before the update (fp16: the scaler's job)
-                         grad_norm=None if policy_scaler.is_enabled() else pg_norm)
-            policy_scaler.step(policy_opt)
-            policy_scaler.update()
-            policy_opt.zero_grad(set_to_none=True)  # free the policy's gradients before the value model's pass
-            with torch.no_grad():
-                entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
-            del logits
-            # value model: clipped regression onto the GAE returns
-            with precision.autocast(ids.device, amp_dtype):
-                v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
-            vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
-            value_opt.zero_grad(set_to_none=True)
-            value_scaler.scale(vf_loss * share if W > 1 else vf_loss).backward()
-            distributed.all_reduce_grads(value_params)
-            value_scaler.unscale_(value_opt)
-            vf_norm = clip_grad_norm(value_params, cfg.max_grad_norm)
-            check_finite("ppo value", steps + 1, loss=vf_loss, grad_norm=None if value_scaler.is_enabled() else vf_norm)
-            value_scaler.step(value_opt)
-            value_scaler.update()
-            value_opt.zero_grad(set_to_none=True)
-            step_stats = {
-                "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
-                "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"],
-                "value_clipfrac": vf_stats["vf_clipfrac"], "entropy": entropy,
-                "policy_grad_norm": pg_norm, "value_grad_norm": vf_norm,
-            }
-            for k, v_ in step_stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v_)
-            steps += 1
-    stats = {k: v / max(steps, 1) for k, v in sums.items()}
-    stats["ratio_first_maxdev"] = ratio_first_maxdev
-    if W > 1:  # the mean over processes of each process's mean; the largest deviation of any process
-        stats = {k: distributed.mean(torch.tensor([v])) for k, v in stats.items()}
-        no_rows = ratio_first_maxdev != ratio_first_maxdev  # nan: none of the first minibatch's rows is here
-        stats["ratio_first_maxdev"] = float(distributed.all_max(torch.tensor(0.0 if no_rows else ratio_first_maxdev)))
+    for rows in minibatches(int(distributed.total(B)), cfg.minibatch_size, cfg.ppo_epochs, seed):
+        rows = distributed.local_rows(rows).to(ids.device)
+        m = ro.response_mask[rows]
+        share = distributed.token_share(m)
+        steps += 1
+        if len(rows) == 0:  # none of this minibatch's rows are here: add zero gradients to the other processes' sums
+            optimizer_step(policy_opt, policy_params, policy_scaler, cfg.max_grad_norm, "ppo", steps, None)
+            optimizer_step(value_opt, value_params, value_scaler, cfg.max_grad_norm, "ppo value", steps, None)
+            continue
+        # policy: clipped surrogate on whitened advantages
+        with precision.autocast(ids.device, amp_dtype):
+            logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
+        pg_loss, pg_stats = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
+        if steps == 1:  # before any update in this iteration: must be exactly 0
+            dev = (torch.exp(logp.detach() - ro.logprobs[rows]) - 1).abs()
+            ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
+        policy_opt.zero_grad(set_to_none=True)
+        policy_scaler.scale(pg_loss * share).backward()
+        pg_norm = optimizer_step(policy_opt, policy_params, policy_scaler, cfg.max_grad_norm, "ppo", steps, pg_loss)
+        with torch.no_grad():
+            entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
+        del logits
+        # value model: clipped regression onto the GAE returns
+        with precision.autocast(ids.device, amp_dtype):
+            v = response_values(value_model, ids[rows], mask[rows], P, ro.prefix_ids)
+        vf_loss, vf_stats = ppo_value_loss(v, ro.values[rows], ro.returns[rows], m, cfg.clip_value)
+        value_opt.zero_grad(set_to_none=True)
+        value_scaler.scale(vf_loss * share).backward()
+        vf_norm = optimizer_step(value_opt, value_params, value_scaler, cfg.max_grad_norm, "ppo value", steps, vf_loss)
+        step_stats = {
+            "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clipfrac": pg_stats["clipfrac"],
+            "approx_kl": pg_stats["approx_kl"], "ratio_mean": pg_stats["ratio_mean"],
+            "value_clipfrac": vf_stats["vf_clipfrac"], "entropy": entropy,
+            "policy_grad_norm": pg_norm, "value_grad_norm": vf_norm,  # the same everywhere: their shares add up to them
+        }
+        for k, v_ in step_stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v_) * share
+    stats = {k: v / steps for k, v in distributed.sum_stats(sums).items()}
+    stats["ratio_first_maxdev"] = distributed.largest(ratio_first_maxdev)  # nan: none of its rows here
     return stats
 
 
 def rollout_stats(ro: Rollout) -> dict:
-    """What to log about a batch of episodes (after compute_advantages)."""
+    """What to log about a batch of episodes (after compute_advantages): under torchrun, means, maxima and token
+    means over every process's rows (distributed.mean, largest, masked_mean)."""
     m = ro.response_mask.float()
     kl_sum = (ro.kl * m).sum(1)  # [B] KL per response (nats)
-    lengths = m.sum(1)
-    logp_gap = (ro.sample_logprobs - ro.logprobs).abs() * m
     return {
-        "score": float(ro.scores.mean()),
-        "score_std": float(ro.scores.std()) if len(ro.scores) > 1 else 0.0,
-        "kl": float(kl_sum.mean()),  # the controller's input: mean over responses of the summed per-token KL
-        "kl_per_token": float(masked_mean(ro.kl, m)),
-        "kl_max_abs": float(((ro.logprobs - ro.ref_logprobs).abs() * m).max()),  # exactly 0 while policy == ref
+        "score": distributed.mean(ro.scores),
+        "score_std": distributed.std(ro.scores),
+        "kl": distributed.mean(kl_sum),  # the controller's input: mean over responses of the summed per-token KL
+        "kl_per_token": distributed.masked_mean(ro.kl, m),
+        "kl_max_abs": distributed.largest(float(((ro.logprobs - ro.ref_logprobs).abs() * m).max())),  # 0: pi = ref
         "beta": ro.beta,
-        "reward": float((ro.rewards * m).sum(1).mean()),  # total per-episode reward: score - beta * KL (+ penalty)
-        "response_length": float(lengths.mean()),
-        "no_stop_frac": float((~ro.finished).float().mean()),
-        "sampler_logprob_maxdiff": float(logp_gap.max()),
-        **({"value_mean": float(masked_mean(ro.values, m)), "return_mean": float(masked_mean(ro.returns, m))}
-           if ro.values is not None else {}),
-    } if not distributed.active() else global_rollout_stats(ro)
-
-
-def global_rollout_stats(ro: Rollout) -> dict:
-    """rollout_stats over every process's rows (under torchrun): global means, maxima and token means."""
-    m = ro.response_mask.float()
-    kl_sum = (ro.kl * m).sum(1)
-    tokens = distributed.total(m.sum())
-
-    def token_mean(x: Tensor) -> float:
-        return distributed.total((x * m).sum()) / tokens
-
-    score_mean = distributed.mean(ro.scores)
-    n = distributed.total(len(ro.scores))
-    score_var = (distributed.total(((ro.scores.double() - score_mean) ** 2).sum()) / (n - 1)) if n > 1 else 0.0
-    return {
-        "score": score_mean,
-        "score_std": score_var ** 0.5,
-        "kl": distributed.mean(kl_sum),
-        "kl_per_token": token_mean(ro.kl),
-        "kl_max_abs": float(distributed.all_max(((ro.logprobs - ro.ref_logprobs).abs() * m).max())),
-        "beta": ro.beta,
-        "reward": distributed.mean((ro.rewards * m).sum(1)),
+        "reward": distributed.mean((ro.rewards * m).sum(1)),  # total per-episode reward: score - beta * KL (+ penalty)
         "response_length": distributed.mean(m.sum(1)),
         "no_stop_frac": distributed.mean((~ro.finished).float()),
-        "sampler_logprob_maxdiff": float(distributed.all_max(((ro.sample_logprobs - ro.logprobs).abs() * m).max())),
-        **({"value_mean": token_mean(ro.values), "return_mean": token_mean(ro.returns)}
+        "sampler_logprob_maxdiff": distributed.largest(float(((ro.sample_logprobs - ro.logprobs).abs() * m).max())),
+        **({"value_mean": distributed.masked_mean(ro.values, m), "return_mean": distributed.masked_mean(ro.returns, m)}
            if ro.values is not None else {}),
     }
 
@@ -581,23 +564,32 @@ def init_state(policy, ref_model, value_model, cfg: PPOConfig, amp_dtype: torch.
                     scalers=scalers)
 
 
+def my_prompts(prompt_ids: list[list[int]], prompts: list[str], first_minibatch: int,
+               group: int = 1) -> tuple[list[list[int]], list[str], int]:
+    """This process's prompts of a global batch (under torchrun: prompts r, r + W, ... of rank r; all of them in one
+    process), and how many of its rollout rows (group per prompt) the first minibatch of `first_minibatch` global
+    rows holds: the rollout runs those in a forward pass of their own (ratio exactly 1 in the first update)."""
+    n, W = len(prompt_ids), distributed.world()
+    if W > n:
+        raise MinicaiError(f"a batch of {n} prompts cannot be shared by {W} processes. Fix: raise --batch-size to at "
+                           "least the number of processes (torchrun --nproc_per_node)"
+                           + (" times --group-size" if group > 1 else ""))
+    mine = distributed.my_rows(n)
+    first = len(distributed.local_rows(torch.arange(min(first_minibatch, n * group)), group))
+    return [prompt_ids[i] for i in mine], [prompts[i] for i in mine], first
+
+
 def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
                   cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
     """rollout -> rewards/advantages -> PPO epochs -> KL controller update; advances state.iteration by one.
 
-    prompt_ids/prompts: the global batch. Under torchrun each process runs its rows (distributed.my_rows) and
-    returns its own Rollout; the statistics are global."""
+    prompt_ids/prompts: the global batch. Under torchrun each process runs its rows (my_prompts) and returns its own
+    Rollout; the statistics are global."""
     it = state.iteration
     t0 = time.perf_counter()
-    n_all, first, sample_seed = len(prompt_ids), None, iteration_seed(seed, it, STREAM_SAMPLING)
-    if distributed.world() > n_all:
-        raise MinicaiError(f"a batch of {n_all} prompts cannot be shared by {distributed.world()} processes. Fix: "
-                           "raise --batch-size to at least the number of processes (torchrun --nproc_per_node)")
-    if distributed.active():  # this process's rows of the global batch; its share of the first minibatch goes first
-        mine = distributed.my_rows(n_all)
-        prompt_ids, prompts = [prompt_ids[i] for i in mine], [prompts[i] for i in mine]
-        first = len(distributed.my_rows(min(cfg.minibatch_size, n_all)))
-        sample_seed = iteration_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
+    n_all = len(prompt_ids)
+    prompt_ids, prompts, first = my_prompts(prompt_ids, prompts, cfg.minibatch_size)
+    sample_seed = iteration_seed(seed + 7919 * distributed.rank(), it, STREAM_SAMPLING)
     with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
         ro = rollout(state.policy, state.ref_model, state.value_model, prompt_ids, prompts, reward_fn, cfg, stop_ids,
                      pad_id, seed=sample_seed, first_pass_rows=first)
@@ -609,225 +601,6 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
                           seed=iteration_seed(seed, it, STREAM_MINIBATCH), amp_dtype=state.amp_dtype,
                           scalers=state.scalers))
     state.kl_ctl.update(stats["kl"], n_steps=n_all)  # the global mean KL over the global batch
-    stats["beta_next"] = state.kl_ctl.beta
-    stats["rollout_s"] = t1 - t0
-    stats["update_s"] = time.perf_counter() - t1
-    state.iteration = it + 1
-    return ro, stats
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Group advantages without a value model: GRPO (Shao et al. 2024, arXiv 2402.03300, section 4.1.2) and RLOO
-# (Ahmadian et al. 2024, arXiv 2402.14740)
-#
-# Each prompt gets G responses (rows p*G .. p*G+G-1). A response's total reward R_i is scored by the same PM path as
-# PPO's; its advantage is R_i against its group: (R_i - mean) / std (GRPO) or R_i - mean of the other G - 1 (RLOO),
-# losses.group_advantages. Every token of the response gets that one advantage; nothing is learned about values.
-# The update is PPO's clipped surrogate on those advantages (old log-probs recomputed in the rollout, so the ratio
-# is exactly 1 before the first step). The KL to the reference goes either into R_i (kl_in="reward": R_i = score -
-# beta * sum_t KL_t, as the paper and PPO have it) or into the loss (kl_in="loss": + beta * k3 per token, GRPO's
-# eq. 3, and R_i = score).
-
-ADVANTAGES = ("gae", "grpo", "rloo")
-KL_PLACES = ("reward", "loss")
-
-
-def group_config_problems(cfg: PPOConfig) -> list[str]:
-    """What is wrong with the group-advantage settings of cfg (PPOConfig.__post_init__ reports it)."""
-    if cfg.advantage not in ADVANTAGES:
-        return [f"advantage={cfg.advantage!r} (use one of {', '.join(ADVANTAGES)})"]
-    if cfg.advantage == "gae":
-        return []
-    problems = []
-    if cfg.group_size < 2 or cfg.batch_size % cfg.group_size:
-        problems.append(f"group_size={cfg.group_size} with batch_size={cfg.batch_size} (need group_size >= 2 "
-                        "dividing batch_size: batch_size counts responses, group_size per prompt)")
-    if cfg.kl_in not in KL_PLACES:
-        problems.append(f"kl_in={cfg.kl_in!r} (use reward or loss)")
-    if cfg.loss_agg not in AGG_MODES:
-        problems.append(f"loss_agg={cfg.loss_agg!r} (use one of {', '.join(AGG_MODES)})")
-    if cfg.group_scale is not None and cfg.group_scale not in GROUP_SCALES:
-        problems.append(f"group_scale={cfg.group_scale!r} (use one of {', '.join(GROUP_SCALES)})")
-    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.minibatch_size:
-        problems.append(f"micro_batch_size={cfg.micro_batch_size} (need 1..minibatch_size={cfg.minibatch_size})")
-    return problems
-
-
-def group_rollout(policy, ref_model, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
-                  cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> Rollout:
-    """cfg.group_size responses to each prompt: rollout() of the prompts each repeated group_size times in a row
-    (row i answers prompt i // group_size), without a value model. Its first forward pass takes the rows of
-    grpo_step's first micro-batch, which then recomputes their log-probs bit for bit (ratio exactly 1)."""
-    G = cfg.group_size
-    first_pass = dataclasses.replace(cfg, minibatch_size=cfg.micro_batch_size or cfg.minibatch_size)
-    return rollout(policy, ref_model, None, [p for p in prompt_ids for _ in range(G)],
-                   [p for p in prompts for _ in range(G)], reward_fn, first_pass, stop_ids, pad_id, seed)
-
-
-def compute_group_advantages(ro: Rollout, beta: float, cfg: PPOConfig) -> Rollout:
-    """Fill in KL, rewards and group advantages of a rollout whose rows are G responses per prompt, in groups.
-
-    rewards [B, N] are losses.per_token_rewards' (score, plus the truncation penalty, at the last token; -beta * KL_t
-    on every token when cfg.kl_in == "reward", else none and KL_t is the k3 estimate the loss term uses). A row's
-    total reward R [B] is their sum; advantages [B, N] = losses.group_advantages(R as [B/G, G]) on the row's tokens.
-    A group whose R are all equal carries no signal: its advantages are 0."""
-    in_reward = cfg.kl_in == "reward"
-    ro.rewards, ro.kl = per_token_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
-                                          beta if in_reward else 0.0, cfg.kl_estimator if in_reward else "k3",
-                                          truncated=~ro.finished, truncation_penalty=cfg.truncation_penalty)
-    total = ro.rewards.sum(1)  # [B] score (+ penalty) - beta * sum_t KL_t (rewards are 0 on padding)
-    baseline = "mean" if cfg.advantage == "grpo" else "leave_one_out"
-    scale = cfg.group_scale or ("std" if cfg.advantage == "grpo" else "none")
-    adv = group_advantages(total.view(-1, cfg.group_size), baseline, scale).reshape(-1)  # [B]
-    zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
-    ro.advantages = torch.where(ro.response_mask.bool(), adv[:, None], zero)  # [B, N]
-    ro.beta = float(beta)
-    return ro
-
-
-def group_token_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, clip: float,
-                     kl_coef: float = 0.0) -> Tensor:
-    """The per-token loss of GRPO's objective (Shao et al. 2024, eq. 3, before its means over tokens and responses):
-    -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + kl_coef * k3(pi || pi_ref), ratio = pi / pi_old.
-
-    The first term is losses.ppo_policy_loss's per token (Schulman et al. 2017, eq. 7); the second is GRPO's KL
-    estimate pi_ref/pi - log(pi_ref/pi) - 1 (losses.kl_penalty "k3"), 0 when kl_coef is 0 (KL in the reward).
-    All [B, N]; reduce with losses.aggregate_loss (micro_batch_loss)."""
-    ratio = torch.exp(logp - old_logp)
-    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
-    if kl_coef:
-        loss = loss + kl_coef * kl_penalty(logp, ref_logp, "k3")
-    return loss
-
-
-def micro_batch_loss(per_token: Tensor, mask: Tensor, mode: str, batch_rows: int, batch_tokens: int,
-                     max_len: int) -> Tensor:
-    """One micro-batch's share of its minibatch's loss in aggregation `mode`: the shares of a minibatch's micro-
-    batches add up to losses.aggregate_loss over the whole minibatch, however it is split. per_token/mask [b, N];
-    batch_rows and batch_tokens: the minibatch's non-empty rows and real tokens; max_len: the response limit.
-
-      token-mean               sum / batch_tokens: every token of the minibatch weighs the same (PPO here, DAPO).
-      seq-mean-token-mean      mean over rows of each row's token mean (GRPO as published): a token of a response
-                               of length L weighs 1/L, so with a positive advantage short responses are pushed up
-                               harder, and with a negative one long responses are pushed down more gently; the
-                               length bias Liu et al. 2025 (Dr. GRPO, arXiv 2503.20783, section 3.1) show makes
-                               wrong answers grow longer.
-      seq-mean-token-sum       mean over rows of each row's token sum: a response weighs its length.
-      seq-mean-token-sum-norm  sum / (batch_rows * max_len), a constant (Dr. GRPO; TRL's dr_grpo): every token weighs
-                               the same and the scale depends on neither the lengths nor the split.
-      token-sum                sum, no normaliser (verl 0.9): the micro-batches' sums add up as they are."""
-    if mode == "token-mean":
-        return aggregate_loss(per_token, mask, mode, global_tokens=float(batch_tokens))
-    if mode == "token-sum":
-        return aggregate_loss(per_token, mask, mode)
-    if mode == "seq-mean-token-sum-norm":
-        return aggregate_loss(per_token, mask, mode, constant=float(batch_rows * max_len))
-    rows = int((mask.sum(1) > 0).sum())
-    return aggregate_loss(per_token, mask, mode) * (rows / batch_rows)
-
-
-def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0, amp_dtype: torch.dtype | None = None,
-              scaler: torch.amp.GradScaler | None = None) -> dict:
-    """cfg.ppo_epochs passes of minibatch updates of the policy alone on group advantages; returns mean statistics.
-
-    Each minibatch of cfg.minibatch_size rows is one optimiser step, its gradient accumulated over micro-batches of
-    cfg.micro_batch_size rows (micro_batch_loss: the same loss whatever the split). The first epoch takes the rows
-    in order: its first micro-batch is the rollout's first forward pass, so the ratio is exactly 1 there
-    (ratio_first_maxdev == 0); later epochs shuffle. With cfg.kl_in == "loss", the k3 term is taken against the
-    rollout's reference log-probs (the reference is frozen), with coefficient ro.beta. Statistics are token-
-    weighted means over each minibatch (ref_kl_k3: the per-token k3 KL of the policy being updated to the reference),
-    policy_loss the minibatch's loss; then means over the minibatches. amp_dtype and scaler: as in ppo_step (the
-    mixed-precision rule of precision.py)."""
-    B, P = ro.query_ids.shape
-    ids, mask = ro.input_ids, ro.attention_mask
-    params = [p for p in policy.parameters() if p.requires_grad]
-    scaler = scaler or precision.grad_scaler(ids.device, amp_dtype)
-    micro = cfg.micro_batch_size or cfg.minibatch_size
-    kl_coef = ro.beta if cfg.kl_in == "loss" else 0.0
-    g = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {}
-    steps = 0
-    ratio_first_maxdev = float("nan")
-    for epoch in range(cfg.ppo_epochs):
-        order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=g)
-        for chunk in _chunks(B, cfg.minibatch_size):
-            batch = order[chunk].to(ids.device)
-            batch_mask = ro.response_mask[batch]
-            n_rows, n_tokens = int((batch_mask.sum(1) > 0).sum()), int(batch_mask.sum())
-            policy_opt.zero_grad(set_to_none=True)
-            step_sums: dict[str, float] = {}
-            for sub in _chunks(len(batch), micro):
-                rows = batch[sub]
-                m = ro.response_mask[rows]
-                with precision.autocast(ids.device, amp_dtype):
-                    logp, logits = policy_logprobs(policy, ids[rows], mask[rows], P, cfg.temperature, ro.prefix_ids)
-                per_token = group_token_loss(logp, ro.logprobs[rows], ro.ref_logprobs[rows], ro.advantages[rows],
-                                             cfg.clip_ratio, kl_coef)
-                loss = micro_batch_loss(per_token, m, cfg.loss_agg, n_rows, n_tokens, cfg.max_new_tokens)
-                scaler.scale(loss).backward()
-                with torch.no_grad():
-                    if steps == 0 and sub.start == 0:  # before any update in this iteration: must be exactly 0
-                        dev = (torch.exp(logp - ro.logprobs[rows]) - 1).abs()
-                        ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
-                    _, token_means = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
-                    token_means["ref_kl_k3"] = masked_mean(kl_penalty(logp, ro.ref_logprobs[rows], "k3"), m)
-                    token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
-                del logits
-                share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
-                shares = [(k, float(v) * share) for k, v in token_means.items()]
-                for k, v in [("policy_loss", float(loss.detach()))] + shares:
-                    step_sums[k] = step_sums.get(k, 0.0) + v
-            scaler.unscale_(policy_opt)
-            step_sums["policy_grad_norm"] = float(clip_grad_norm(params, cfg.max_grad_norm))
-            check_finite("grpo", steps + 1, loss=step_sums["policy_loss"],  # NaN/inf: stop before the update
-                         grad_norm=None if scaler.is_enabled() else step_sums["policy_grad_norm"])
-            scaler.step(policy_opt)
-            scaler.update()
-            policy_opt.zero_grad(set_to_none=True)
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-    stats = {k: v / steps for k, v in sums.items()}
-    stats["ratio_first_maxdev"] = ratio_first_maxdev
-    return stats
-
-
-def group_stats(ro: Rollout, cfg: PPOConfig) -> dict:
-    """What to log about a batch of groups, beyond rollout_stats."""
-    total = (ro.rewards * ro.response_mask).sum(1).view(-1, cfg.group_size)  # [B/G, G]
-    adv = ro.advantages[:, 0]  # [B]: each row's advantage (every response has a first token)
-    return {
-        "reward_group_std": float(total.std(dim=1).mean()),  # mean within-group spread of R
-        "groups_without_signal": float((total == total[:, :1]).all(dim=1).float().mean()),  # all R equal: A = 0
-        "advantage_abs_mean": float(adv.abs().mean()),
-    }
-
-
-def group_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[str], reward_fn: RewardFn,
-                    cfg: PPOConfig, stop_ids=(), pad_id: int = 0, seed: int = 0) -> tuple[Rollout, dict]:
-    """GRPO / RLOO: cfg.group_size responses to each of the batch_size / group_size prompts -> group advantages ->
-    grpo_step -> KL controller update; advances state.iteration by one. The rollout's rows are the prompts, each
-    repeated group_size times in a row (row i answers prompts[i // group_size]). One process only: a group's
-    advantages need all of its rows, which torchrun's row split (distributed.my_rows) would scatter."""
-    G = cfg.group_size
-    if distributed.active():
-        raise MinicaiError(f"--advantage {cfg.advantage} runs in one process (torchrun splits a group's rows across "
-                           "processes). Fix: run train_rl.py without torchrun, or use --advantage gae")
-    if cfg.advantage == "gae" or len(prompt_ids) * G != cfg.batch_size or len(prompts) != len(prompt_ids):
-        raise ValueError(f"group_iteration needs advantage grpo/rloo and batch_size / group_size = "
-                         f"{cfg.batch_size // G} prompts, got advantage {cfg.advantage!r} and {len(prompt_ids)}")
-    it = state.iteration
-    t0 = time.perf_counter()
-    with precision.autocast(state.policy.device, state.amp_dtype):  # sampling and the forward passes alike
-        ro = group_rollout(state.policy, state.ref_model, prompt_ids, prompts, reward_fn, cfg, stop_ids, pad_id,
-                           seed=iteration_seed(seed, it, STREAM_SAMPLING))
-    check_sampler_logprobs(ro, state.amp_dtype or state.policy.dtype, cfg.logprob_tol)
-    compute_group_advantages(ro, state.kl_ctl.beta, cfg)
-    stats = {"iteration": it, **rollout_stats(ro), **group_stats(ro, cfg)}
-    t1 = time.perf_counter()
-    stats.update(grpo_step(state.policy, state.policy_opt, ro, cfg, seed=iteration_seed(seed, it, STREAM_MINIBATCH),
-                           amp_dtype=state.amp_dtype, scaler=state.scalers[0] if state.scalers else None))
-    state.kl_ctl.update(stats["kl"], n_steps=cfg.batch_size)
     stats["beta_next"] = state.kl_ctl.beta
     stats["rollout_s"] = t1 - t0
     stats["update_s"] = time.perf_counter() - t1

@@ -1,6 +1,7 @@
 """Data parallelism (minicai/distributed.py): 2 processes with gloo on the CPU give what 1 process gives on the same
-global batch. Every statistic is global: whitened advantages equal the single-process ones, and a PPO update (token
-means over the global minibatch, gradients summed) leaves the same weights, to float64 rounding."""
+global batch. Every statistic is global: whitened advantages equal the single-process ones, and a PPO or GRPO update
+(losses normalised over the global minibatch, gradients summed) leaves the same weights, to float64 rounding. GRPO
+splits the batch in whole groups, so its group advantages need nothing from the other process."""
 
 import copy
 import os
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minicai import distributed, ppo
+from minicai import distributed, grpo, ppo
 from minicai.losses import whiten
 from minicai.model import random_model, tiny_config
 from minicai.reward import RewardModel
@@ -32,7 +33,7 @@ def take_rows(ro: ppo.Rollout, rows: list[int]) -> ppo.Rollout:
         query_mask=ro.query_mask[idx], response_ids=ro.response_ids[idx], response_mask=ro.response_mask[idx],
         finished=ro.finished[idx], responses=[ro.responses[i] for i in rows],
         sample_logprobs=ro.sample_logprobs[idx], logprobs=ro.logprobs[idx], ref_logprobs=ro.ref_logprobs[idx],
-        values=ro.values[idx], scores=ro.scores[idx])
+        values=None if ro.values is None else ro.values[idx], scores=ro.scores[idx])
 
 
 def ppo_update_case() -> dict:
@@ -50,6 +51,56 @@ def ppo_update_case() -> dict:
     stats = ppo.ppo_step(policy, value, state.policy_opt, state.value_opt, ro, cfg, seed=3)
     return {"rows": rows, "advantages": ro.advantages, "policy": policy.state_dict(), "value": value.state_dict(),
             "stats": stats}
+
+
+# GRPO: 3 prompts x G = 2 responses, rows 0-5. Rank 0 takes the groups of prompts 0 and 2 (rows 0, 1, 4, 5), rank 1
+# prompt 1's (rows 2, 3). With minibatches of 4 rows, the first global minibatch {0, 1, 2, 3} is split 2 + 2 and the
+# second {4, 5} has no row in rank 1 (it adds zero gradients); the second epoch shuffles rows across groups.
+G = 2
+GROUP_PROMPTS = PROMPTS[:3]
+GROUP_SETTINGS = {  # loss aggregation, micro-batches, where the KL goes: each normaliser and split is global
+    "token_mean": dict(loss_agg="token-mean", micro_batch_size=None, kl_in="reward"),
+    "seq_mean_micro1": dict(loss_agg="seq-mean-token-mean", micro_batch_size=1, kl_in="loss"),
+    "dr_grpo": dict(loss_agg="seq-mean-token-sum-norm", micro_batch_size=3, kl_in="reward"),
+}
+
+
+def group_config(**settings) -> ppo.PPOConfig:
+    base = dict(batch_size=len(GROUP_PROMPTS) * G, minibatch_size=4, max_new_tokens=10, policy_lr=1e-3,
+                advantage="grpo", group_size=G)
+    return ppo.PPOConfig(**{**base, **settings})
+
+
+def grpo_update_case() -> dict:
+    """One GRPO update per GROUP_SETTINGS entry on a fixed global rollout of float64 models (a reference unlike the
+    policy: KL != 0), this process's whole groups only."""
+    results = {}
+    for name, settings in GROUP_SETTINGS.items():
+        policy = random_model(tiny_config(), seed=0, dtype=torch.float64)
+        ref = random_model(tiny_config(), seed=1, dtype=torch.float64)
+        cfg = group_config(**settings)
+        reward = lambda prompts, responses: torch.tensor([len(r) + 0.1 * sum(t < 64 for t in r)  # noqa: E731
+                                                          for r in responses], dtype=torch.float64)
+        ro = grpo.group_rollout(policy, ref, GROUP_PROMPTS, [str(p) for p in GROUP_PROMPTS], reward, cfg,
+                                stop_ids=STOP, seed=16)
+        rows = [p * G + k for p in distributed.my_rows(len(GROUP_PROMPTS)) for k in range(G)]
+        ro = grpo.compute_group_advantages(take_rows(ro, rows), beta=0.1, cfg=cfg)
+        state = ppo.init_state(policy, ref, None, cfg)
+        stats = grpo.grpo_step(policy, state.policy_opt, ro, cfg, seed=3)
+        results[name] = {"rows": rows, "advantages": ro.advantages, "policy": policy.state_dict(), "stats": stats}
+    return results
+
+
+def grpo_iteration_case() -> dict:
+    """One whole group_iteration (rollout, advantages, update) on the global batch of 3 prompts: each process samples
+    its own groups. Micro-batches of 1 row; rank 1 holds no row of the first minibatch (no first forward pass)."""
+    policy = random_model(tiny_config(), seed=0, dtype=torch.float64)
+    cfg = group_config(micro_batch_size=1, minibatch_size=2)
+    state = ppo.init_state(policy, copy.deepcopy(policy), None, cfg)
+    reward = lambda prompts, responses: torch.tensor([float(len(r)) for r in responses])  # noqa: E731
+    ro, stats = grpo.group_iteration(state, GROUP_PROMPTS, [str(p) for p in GROUP_PROMPTS], reward, cfg,
+                                     stop_ids=STOP, seed=5)
+    return {"prompts": ro.prompts, "policy": policy.state_dict(), "stats": stats}
 
 
 def sft_case() -> dict:
@@ -84,7 +135,8 @@ def pm_case(tokenizer_dir: str) -> dict:
             "accuracy": [h["accuracy"] for h in history]}
 
 
-CASES = {"ppo_update": ppo_update_case, "sft": sft_case, "pm": pm_case}
+CASES = {"ppo_update": ppo_update_case, "grpo_update": grpo_update_case, "grpo_iteration": grpo_iteration_case,
+         "sft": sft_case, "pm": pm_case}
 
 
 def run_case(case: str, tokenizer_dir: str) -> dict:
@@ -158,8 +210,11 @@ def test_ppo_update_gives_the_single_process_weights(ppo_results):
                 assert torch.allclose(p[net][k], v, atol=1e-10, rtol=0), (net, k)
     initial = random_model(tiny_config(), seed=0, dtype=torch.float64).state_dict()
     assert not torch.allclose(single["policy"]["lm_head.weight"], initial["lm_head.weight"])  # it trained
-    for key in ("policy_loss", "value_loss", "clipfrac"):
-        assert parts[0]["stats"][key] == parts[1]["stats"][key]  # metrics are global: the same in every process
+    for key, value in single["stats"].items():  # metrics are global: the same in every process, the single one's
+        if key != "ratio_first_maxdev":  # (each process measures its own rows of the first minibatch)
+            assert parts[0]["stats"][key] == parts[1]["stats"][key], key
+            tol = 1e-6 * abs(value) if key == "entropy" else 1e-10  # entropy: float32 logits (losses)
+            assert parts[0]["stats"][key] == pytest.approx(value, abs=tol), key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,3 +261,44 @@ def test_dpo_steps_give_the_single_process_weights_and_global_metrics(results):
     assert single["summary"]["held_out"]["after"]["n"] == 3
     initial = random_model(tiny_config(), seed=5, dtype=torch.float64).state_dict()
     assert not torch.allclose(single["weights"]["lm_head.weight"], initial["lm_head.weight"])  # it trained
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GRPO / RLOO under torchrun: whole groups per process
+
+
+@pytest.mark.parametrize("name", list(GROUP_SETTINGS))
+def test_grpo_update_gives_the_single_process_weights(name, results):
+    single, parts = results["grpo_update"]
+    single, parts = single[name], [p[name] for p in parts]
+    assert [p["rows"] for p in parts] == [[0, 1, 4, 5], [2, 3]]
+    for p in parts:  # group advantages computed where the groups are: the single-process ones
+        assert torch.allclose(p["advantages"], single["advantages"][p["rows"]], atol=1e-12, rtol=0)
+        assert_same_weights(single["policy"], p["policy"], name)
+        for key, value in single["stats"].items():  # the statistics are global: the single-process ones
+            if key != "ratio_first_maxdev":  # (each process measures its own first micro-batch)
+                tol = 1e-6 * abs(value) if key == "entropy" else 1e-10  # entropy: float32 logits (losses)
+                assert p["stats"][key] == pytest.approx(value, abs=tol), (name, key)
+    initial = random_model(tiny_config(), seed=0, dtype=torch.float64).state_dict()
+    assert not torch.allclose(single["policy"]["lm_head.weight"], initial["lm_head.weight"])  # it trained
+
+
+def test_grpo_iteration_takes_whole_groups_per_process(results):
+    _, parts = results["grpo_iteration"]
+    names = [str(p) for p in GROUP_PROMPTS]
+    assert [p["prompts"] for p in parts] == [[names[0]] * G + [names[2]] * G, [names[1]] * G]
+    for p in parts:
+        assert p["stats"]["ratio_first_maxdev"] == 0.0 and p["stats"]["kl_max_abs"] == 0.0
+        same = [k for k in p["stats"] if k not in ("rollout_s", "update_s")]  # global: the same in both processes
+        assert {k: p["stats"][k] for k in same} == {k: parts[0]["stats"][k] for k in same}
+    assert_same_weights(parts[0]["policy"], parts[1]["policy"], "grpo_iteration")  # one update, summed gradients
+
+
+def test_pipeline_runs_every_training_stage_under_torchrun(tmp_path, tiny_model_dir):
+    import pipeline
+
+    log = pipeline.main(["--tiny", "--model", str(tiny_model_dir), "--out", str(tmp_path), "--dry-run",
+                         "--nproc-per-node", "2", "--rl-methods", "ppo,dpo,grpo,rloo", "--stages", "rl"])
+    commands = {s["stage"]: s["command"] for s in log["stages"]}
+    torchrun = "torch.distributed.run --standalone --nproc_per_node 2"
+    assert [stage for stage, command in commands.items() if torchrun in command] == ["rl", "dpo", "grpo", "rloo"]

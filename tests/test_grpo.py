@@ -1,4 +1,4 @@
-"""GRPO / RLOO in RL-CAI (minicai/ppo.py group_*, grpo_step; train_rl.py --advantage grpo|rloo): group advantages,
+"""GRPO / RLOO in RL-CAI (minicai/grpo.py; train_rl.py --advantage grpo|rloo): group advantages,
 loss aggregation, the exact first step, learning, the script end to end."""
 
 import copy
@@ -7,9 +7,17 @@ import math
 
 import pytest
 import torch
-from test_ppo import OPENING, PROMPTS, STOP, import_train_rl, learn_programmatic_reward, make_models
+from test_ppo import (
+    OPENING,
+    PROMPTS,
+    STOP,
+    import_train_rl,
+    learn_programmatic_reward,
+    make_models,
+    record_forward_passes,
+)
 
-from minicai import MinicaiError, ppo
+from minicai import MinicaiError, grpo, ppo
 from minicai import losses as L
 from minicai.model import random_model, tiny_config
 from minicai.reward import RewardModel
@@ -81,7 +89,7 @@ def group_state(advantage="grpo", dtype=torch.float32, ref_seed=None, G=3, promp
 
 
 def group_rollout(state, cfg, prompts=GROUP_PROMPTS, reward=spread_reward):
-    return ppo.group_rollout(state.policy, state.ref_model, prompts, [str(p) for p in prompts], reward, cfg,
+    return grpo.group_rollout(state.policy, state.ref_model, prompts, [str(p) for p in prompts], reward, cfg,
                              stop_ids=STOP, pad_id=0, seed=16)
 
 
@@ -93,8 +101,8 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(advantage, kl_in, micr
     prompts = [OPENING + p for p in GROUP_PROMPTS] if shared else GROUP_PROMPTS
     state, cfg = group_state(advantage, kl_in=kl_in, micro_batch_size=micro, forward_batch_size=forward,
                              prompts=prompts)
-    ro, stats = ppo.group_iteration(state, prompts, [str(p) for p in prompts], spread_reward, cfg, stop_ids=STOP,
-                                    seed=3)
+    ro, stats = grpo.group_iteration(state, prompts, [str(p) for p in prompts], spread_reward, cfg, stop_ids=STOP,
+                                     seed=3)
     assert state.value_model is None and state.value_opt is None and ro.values is None
     assert ro.prefix_ids.numel() == (len(OPENING) if shared else 0)
     assert stats["ratio_first_maxdev"] == 0.0 and stats["kl_max_abs"] == 0.0 and stats["kl"] == 0.0
@@ -105,16 +113,9 @@ def test_ratio_is_one_and_kl_zero_before_the_first_update(advantage, kl_in, micr
 
 
 def test_rollout_rows_are_groups_and_the_first_pass_is_the_first_micro_batch(monkeypatch):
-    calls = []
-    real = ppo.policy_logprobs
-
-    def spy(model, ids, *args):
-        calls.append((id(model), ids.shape[0]))
-        return real(model, ids, *args)
-
-    monkeypatch.setattr(ppo, "policy_logprobs", spy)
+    calls = record_forward_passes(monkeypatch, ppo, grpo)  # the rollout's passes (ppo.py), the update's (grpo.py)
     state, cfg = group_state(micro_batch_size=2, forward_batch_size=4)
-    ro, _ = ppo.group_iteration(state, GROUP_PROMPTS, ["a", "b", "c", "d"], spread_reward, cfg, stop_ids=STOP)
+    ro, _ = grpo.group_iteration(state, GROUP_PROMPTS, ["a", "b", "c", "d"], spread_reward, cfg, stop_ids=STOP)
     rollout_passes = [n for model, n in calls[:8] if model == id(state.policy)]
     assert rollout_passes == [2, 4, 4, 2]  # 12 rows: the first micro-batch alone, then passes of 4
     assert [n for _, n in calls[8:]] == [2, 2, 2] * 2 * cfg.ppo_epochs  # update: micro-batches of 2
@@ -135,7 +136,7 @@ def test_group_rewards_and_advantages_by_hand(advantage, kl_in, estimator):
     state, cfg = group_state(advantage, dtype=torch.float64, ref_seed=1, kl_in=kl_in, kl_estimator=estimator)
     ro = group_rollout(state, cfg)
     beta, G = 0.1, cfg.group_size
-    ppo.compute_group_advantages(ro, beta, cfg)
+    grpo.compute_group_advantages(ro, beta, cfg)
     R = []
     for i in range(len(ro.scores)):
         n = int(ro.response_mask[i].sum())
@@ -158,11 +159,11 @@ def test_a_group_without_spread_gets_no_advantage():
     state, cfg = group_state(micro_batch_size=3)
     ro = group_rollout(state, cfg, reward=lambda prompts, responses: torch.full((len(responses),), 0.1))
     ro.finished[:] = True  # no truncation penalty either: every R is 0.1
-    ppo.compute_group_advantages(ro, 0.1, cfg)
-    stats = ppo.group_stats(ro, cfg)
+    grpo.compute_group_advantages(ro, 0.1, cfg)
+    stats = grpo.group_stats(ro, cfg)
     assert torch.equal(ro.advantages, torch.zeros_like(ro.advantages)) and stats["groups_without_signal"] == 1.0
     before = copy.deepcopy(state.policy.state_dict())
-    step = ppo.grpo_step(state.policy, state.policy_opt, ro, cfg)
+    step = grpo.grpo_step(state.policy, state.policy_opt, ro, cfg)
     assert step["policy_grad_norm"] == 0.0 and step["policy_loss"] == 0.0
     assert all(torch.equal(before[k], v) for k, v in state.policy.state_dict().items())  # AdamW: no decay, no step
 
@@ -174,17 +175,17 @@ def test_group_token_loss_is_the_ppo_surrogate_plus_beta_k3():
     ref = logp + torch.randn(3, 5, generator=g, dtype=torch.float64) * 0.5
     adv = torch.randn(3, 1, generator=g, dtype=torch.float64).expand(3, 5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
-    surrogate = ppo.group_token_loss(logp, old, ref, adv, clip=0.2)
+    surrogate = grpo.group_token_loss(logp, old, ref, adv, clip=0.2)
     # token-mean of the surrogate is losses.ppo_policy_loss, exactly
     assert torch.equal(L.aggregate_loss(surrogate, mask, "token-mean"), L.ppo_policy_loss(logp, old, adv, mask)[0])
     # the KL term: beta * (pi_ref / pi - log(pi_ref / pi) - 1) >= 0, Shao et al. eq. 4
-    with_kl = ppo.group_token_loss(logp, old, ref, adv, clip=0.2, kl_coef=0.04)
+    with_kl = grpo.group_token_loss(logp, old, ref, adv, clip=0.2, kl_coef=0.04)
     ratio_ref = torch.exp(ref - logp)
     assert torch.allclose(with_kl - surrogate, 0.04 * (ratio_ref - torch.log(ratio_ref) - 1), atol=1e-15, rtol=0)
     assert (with_kl >= surrogate).all()
     # its gradient pulls log pi toward log pi_ref
     x = logp.clone().requires_grad_(True)
-    ppo.group_token_loss(x, x.detach(), ref, torch.zeros_like(adv), clip=0.2, kl_coef=1.0).sum().backward()
+    grpo.group_token_loss(x, x.detach(), ref, torch.zeros_like(adv), clip=0.2, kl_coef=1.0).sum().backward()
     assert (torch.sign(-x.grad) == torch.sign(ref - logp)).all()
 
 
@@ -195,8 +196,8 @@ def test_grpo_step_first_loss_by_hand(kl_in):
     state, cfg = group_state(dtype=torch.float64, ref_seed=1, kl_in=kl_in, minibatch_size=12, ppo_epochs=1)
     ro = group_rollout(state, cfg)
     beta = 0.5
-    ppo.compute_group_advantages(ro, beta, cfg)
-    stats = ppo.grpo_step(state.policy, state.policy_opt, ro, cfg)
+    grpo.compute_group_advantages(ro, beta, cfg)
+    stats = grpo.grpo_step(state.policy, state.policy_opt, ro, cfg)
     m = ro.response_mask.bool()
     d = ro.logprobs - ro.ref_logprobs
     want = -float(ro.advantages[m].mean()) + (beta * float((torch.exp(-d) - 1 + d)[m].mean()) if kl_in == "loss"
@@ -220,7 +221,7 @@ def test_micro_batch_losses_add_up_to_the_minibatch_loss(mode):
     for split in SPLITS:
         bounds = [sum(split[:i]) for i in range(len(split) + 1)]
         parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-        total = sum(ppo.micro_batch_loss(per_token[s], mask[s], mode, rows, tokens, max_len) for s in parts)
+        total = sum(grpo.micro_batch_loss(per_token[s], mask[s], mode, rows, tokens, max_len) for s in parts)
         assert torch.allclose(total, whole, atol=1e-14, rtol=0), (mode, split)
         naive = sum(L.aggregate_loss(per_token[s], mask[s], "token-mean") for s in parts) / len(parts)
         if mode == "token-mean" and len(split) > 1:
@@ -235,7 +236,7 @@ def test_aggregation_modes_weigh_lengths_as_documented():
     for mode, want in [("token-mean", (1 / 10, 1 / 10)), ("seq-mean-token-mean", (1 / 16, 1 / 4)),
                        ("seq-mean-token-sum", (1 / 2, 1 / 2)), ("seq-mean-token-sum-norm", (1 / 16, 1 / 16))]:
         x.grad = None
-        ppo.micro_batch_loss(x, mask, mode, batch_rows=2, batch_tokens=10, max_len=8).backward()
+        grpo.micro_batch_loss(x, mask, mode, batch_rows=2, batch_tokens=10, max_len=8).backward()
         assert x.grad[0, 0].item() == pytest.approx(want[0]) and x.grad[1, 0].item() == pytest.approx(want[1])
 
 
@@ -248,8 +249,8 @@ def test_grpo_step_does_not_depend_on_the_micro_batch_split(mode):
         state, cfg = group_state(dtype=torch.float64, ref_seed=1, kl_in="loss", loss_agg=mode, micro_batch_size=micro,
                                  ppo_epochs=1)
         ro = group_rollout(state, cfg)
-        ppo.compute_group_advantages(ro, 0.1, cfg)
-        stats = ppo.grpo_step(state.policy, state.policy_opt, ro, cfg)
+        grpo.compute_group_advantages(ro, 0.1, cfg)
+        stats = grpo.grpo_step(state.policy, state.policy_opt, ro, cfg)
         results.append((state.policy.lm_head.weight.detach().clone(), stats))
     initial = make_models(dtype=torch.float64)[0].lm_head.weight
     (w0, s0), *rest = results
@@ -272,7 +273,7 @@ def test_group_advantages_learn_a_programmatic_reward_with_bounded_kl(advantage,
     cfg = ppo.PPOConfig(batch_size=16, max_new_tokens=8, ppo_epochs=4, minibatch_size=8, policy_lr=3e-3,
                         kl_coef=0.3, kl_target=6.0, kl_horizon=32, advantage=advantage, group_size=4, kl_in=kl_in)
     state = ppo.init_state(policy, ref, None, cfg)
-    history = learn_programmatic_reward(state, cfg, ppo.group_iteration, 4, vocab, target, iterations)
+    history = learn_programmatic_reward(state, cfg, grpo.group_iteration, 4, vocab, target, iterations)
     first = sum(h["score"] for h in history[:3]) / 3
     last = sum(h["score"] for h in history[-10:]) / 10
     assert last > first + 1.5, (first, last)

@@ -60,11 +60,9 @@ def test_rollout_batch_really_is_ragged():
     assert lengths.unique().numel() >= 3 and int(lengths.min()) < ro.response_ids.shape[1]
 
 
-@pytest.mark.parametrize("forward_batch_size,want", [(16, [3, 4]), (2, [3, 2, 2]), (1, [3, 1, 1, 1, 1])])
-def test_rollout_forward_passes_start_with_the_first_minibatch(monkeypatch, forward_batch_size, want):
-    """The rollout runs the first PPO minibatch's rows in a pass of their own (what makes the first update's
-    recomputation bit for bit equal), then the other rows forward_batch_size at a time, the same passes for policy
-    and reference (a reference equal to the policy then gives KL exactly 0)."""
+def record_forward_passes(monkeypatch, *modules) -> list[tuple[int, int]]:
+    """Record (id(model), rows) of every policy_logprobs call that goes through `modules` (each module's own name
+    for it is replaced), in call order."""
     calls = []
     real = ppo.policy_logprobs
 
@@ -72,10 +70,32 @@ def test_rollout_forward_passes_start_with_the_first_minibatch(monkeypatch, forw
         calls.append((id(model), ids.shape[0]))
         return real(model, ids, *args)
 
-    monkeypatch.setattr(ppo, "policy_logprobs", spy)
+    for module in modules:
+        monkeypatch.setattr(module, "policy_logprobs", spy)
+    return calls
+
+
+@pytest.mark.parametrize("forward_batch_size,want", [(16, [3, 4]), (2, [3, 2, 2]), (1, [3, 1, 1, 1, 1])])
+def test_rollout_forward_passes_start_with_the_first_minibatch(monkeypatch, forward_batch_size, want):
+    """The rollout runs the first PPO minibatch's rows in a pass of their own (what makes the first update's
+    recomputation bit for bit equal), then the other rows forward_batch_size at a time, the same passes for policy
+    and reference (a reference equal to the policy then gives KL exactly 0)."""
+    calls = record_forward_passes(monkeypatch, ppo)
     policy, ref, *_ = padded_rollout(forward_batch_size=forward_batch_size)  # 7 rows, minibatch_size 3
     assert [rows for model, rows in calls if model == id(policy)] == want
     assert [rows for model, rows in calls if model == id(ref)] == want
+
+
+def test_minibatches_take_the_first_epoch_in_order_then_shuffle():
+    """ppo_step's and grpo_step's minibatch order: the first epoch in order (its first minibatch is the rollout's
+    first forward pass), every later epoch a fresh permutation of all rows, a pure function of the seed."""
+    batches = [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=5)]
+    assert batches[:3] == [[0, 1, 2], [3, 4, 5], [6]]
+    later = [sum(batches[3 * e : 3 * e + 3], []) for e in (1, 2)]
+    assert all(sorted(epoch) == list(range(7)) for epoch in later) and [len(b) for b in batches[3:]] == [3, 3, 1] * 2
+    assert later[0] != list(range(7)) and later[1] != later[0]
+    assert [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=5)] == batches
+    assert [b.tolist() for b in ppo.minibatches(7, 3, 3, seed=6)] != batches
 
 
 @pytest.mark.parametrize("forward_batch_size", [16, 2], ids=["one_pass_after_the_first", "passes_of_2"])
@@ -156,7 +176,7 @@ def test_sampler_mismatch_is_detected():
 
 def learn_programmatic_reward(state, cfg, iterate, n_prompts: int, vocab: int, target: int,
                               iterations: int) -> list[dict]:
-    """`iterations` RL iterations (`iterate`: ppo.ppo_iteration or ppo.group_iteration) on n_prompts prompts a time
+    """`iterations` RL iterations (`iterate`: ppo.ppo_iteration or grpo.group_iteration) on n_prompts prompts a time
     from a fixed pool of random token prompts, rewarded +1 per target token; the ratio must be exactly 1 before
     every iteration's first update. Returns each iteration's statistics."""
     g = torch.Generator().manual_seed(0)
