@@ -43,8 +43,7 @@ from minicai.data import iter_jsonl, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
 from minicai.ppo import clip_grad_norm, policy_logprobs
-from minicai.reward import pad_batch
-from minicai.sampling import left_pad
+from minicai.sampling import pad_rows
 from minicai.sft import lr_at, micro_batches, total_steps, warmup_steps
 
 DEFAULT_POLICY = "runs/sl/model"
@@ -278,8 +277,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int, device) -> PairBatch:
     prompts = [p.prompt for p in pairs] * 2  # [2B]: rows i and B + i are the two responses to one prompt
     responses = [p.response_a for p in pairs] + [p.response_b for p in pairs]
     L = shared_prefix_length(prompts)
-    query_ids, query_mask = left_pad([q[L:] for q in prompts], pad_id)  # [2B, P]
-    resp_ids, resp_mask = pad_batch(responses, pad_id)  # [2B, N]
+    query_ids, query_mask = pad_rows([q[L:] for q in prompts], pad_id, "left")  # [2B, P]
+    resp_ids, resp_mask = pad_rows(responses, pad_id, "right")  # [2B, N]
     return PairBatch(
         prefix=torch.tensor(prompts[0][:L], dtype=torch.long, device=device),
         ids=torch.cat([query_ids, resp_ids], dim=1).to(device), mask=torch.cat([query_mask, resp_mask], 1).to(device),

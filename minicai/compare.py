@@ -54,9 +54,9 @@ from minicai.data import DEFAULT_PROMPTS, append_jsonl, parse_hh_transcript, rea
 from minicai.feedback import DEFAULT_HHH_FILE, FeedbackConfig, debiased_probability, hhh_evaluate, iter_hhh, \
     label_pairs, read_hhh
 from minicai.report import print_summary, resolve_shown, shown_path, write_report
-from minicai.reward import load_reward_model, pad_batch, score_conversations
+from minicai.reward import load_reward_model, score_conversations
 from minicai.run import add_common_args, atomic_write_json, load_model_and_tokenizer, setup
-from minicai.sampling import generate, response_ids
+from minicai.sampling import generate, pad_rows, response_ids
 from minicai.stats import evasive_reason, evasiveness, kl_to_reference, mean_ci, summarise_judgments, \
     toxicity_summary, wilson_interval
 from minicai.weights import resolve_model
@@ -212,7 +212,6 @@ def response_token_logprobs(model, tok, records: list[dict], batch_size: int = 8
     distribution) -> [per-token list per record]. The tokens are the record's sampled token_ids (with the stop
     token when the response finished); a record cached before token_ids were stored is re-encoded from its text."""
     from minicai.ppo import policy_logprobs
-    from minicai.sampling import left_pad
 
     out = []
     device = next(model.parameters()).device
@@ -221,7 +220,7 @@ def response_token_logprobs(model, tok, records: list[dict], batch_size: int = 8
         prompts = [tok.render([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True) for r in chunk]
         resp = [list(r["token_ids"]) if "token_ids" in r else tok.encode(r["response"]) for r in chunk]
         width = max(1, max(len(y) for y in resp))
-        p_ids, p_mask = left_pad(prompts, tok.pad_id, device)  # [B, P]
+        p_ids, p_mask = pad_rows(prompts, tok.pad_id, "left", device)  # [B, P]
         r_ids = torch.tensor([y + [tok.pad_id] * (width - len(y)) for y in resp], device=device)  # [B, N]
         r_mask = torch.tensor([[1] * len(y) + [0] * (width - len(y)) for y in resp], device=device)
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask.to(r_mask.dtype), r_mask], 1)  # [B, P + N]
@@ -291,7 +290,7 @@ def pm_hhh_accuracy(rm, tok, pairs: list[tuple[list[dict], list[dict]]], batch_s
     scores = []
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            ids, mask = pad_batch(rows[s : s + batch_size], tok.pad_id)
+            ids, mask = pad_rows(rows[s : s + batch_size], tok.pad_id, "right")
             scores += rm(ids.to(rm.device), mask.to(rm.device)).float().cpu().tolist()
     good, bad = scores[0::2], scores[1::2]
     right = sum(g > b for g, b in zip(good, bad))

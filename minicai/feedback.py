@@ -48,7 +48,7 @@ import torch
 from minicai import MinicaiError
 from minicai.data import SHARED_DIR
 from minicai.losses import choice_probability, clamp_probability
-from minicai.sampling import generate, left_pad, response_ids
+from minicai.sampling import generate, pad_rows, response_ids
 
 ANSWERS = (" (A)", " (B)")  # the two continuations that are scored
 INTRO = "Consider the following conversation between a human and an assistant:"
@@ -209,17 +209,12 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
         raise ValueError("option_logprobs needs non-empty options")
     device = model.device
     K, L = len(options), max(len(o) for o in options)
-    opt_ids = torch.full((K, L), pad_id, dtype=torch.long)  # right-padded options
-    opt_mask = torch.zeros((K, L), dtype=torch.long)
-    for k, o in enumerate(options):
-        opt_ids[k, : len(o)] = torch.tensor(o, dtype=torch.long)
-        opt_mask[k, : len(o)] = 1
-    opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+    opt_ids, opt_mask = pad_rows(options, pad_id, "right", device)  # [K, L]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = torch.zeros((len(prompts), K), dtype=torch.float32)
     for start in range(0, len(prompts), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad_id, device)  # [b, P]
+        ids, mask = pad_rows([prompts[i] for i in idx], pad_id, "left", device)  # [b, P]
         b, P = ids.shape
         cache = model.new_cache(b, P)
         last = model.hidden_states(ids, mask, cache=cache)[:, -1]  # [b, D]: predicts every option's first token
