@@ -239,13 +239,17 @@ def answer_logprobs(model, tok, texts: list[str], batch_size: int = 8) -> torch.
                            batch_size=batch_size, pad_id=tok.pad_id)
 
 
-def debiased_probability(logp_ab: torch.Tensor, logp_ba: torch.Tensor) -> torch.Tensor:
+def debiased_probability(logp_ab: torch.Tensor, logp_ba: torch.Tensor,
+                         clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """P(response a is better) from both orders: [..., 2] log-probs of (" (A)", " (B)") each -> [...].
 
     logp_ab: asked with a as (A); logp_ba: asked with a as (B). The average of p(A | a first) and
-    1 - p(A | b first), so a pure position preference cancels out to 0.5."""
+    1 - p(A | b first), so a pure position preference cancels out to 0.5. clamp (low, high): each order's p(A) is
+    clamped first, as chain-of-thought labels are (section 4.1)."""
     p_first = choice_probability(logp_ab[..., 0], logp_ab[..., 1])
     p_swapped = choice_probability(logp_ba[..., 0], logp_ba[..., 1])
+    if clamp is not None:
+        p_first, p_swapped = clamp_probability(p_first, *clamp), clamp_probability(p_swapped, *clamp)
     return 0.5 * (p_first + 1.0 - p_swapped)
 
 
@@ -324,13 +328,12 @@ def label_pairs(model, tok, pairs: list[dict], principles: list[str], config: Fe
         k = len(drawn[n])
         ab = torch.stack([logp[where[n, j, False]] for j in range(k)])  # [k, 2]: response_a shown as (A)
         p_first = choice_probability(ab[:, 0], ab[:, 1])  # [k]
-        p = clamp_probability(p_first, *config.clamp) if config.cot else p_first
+        clamp = config.clamp if config.cot else None  # CoT: each question's p(A) is clamped, then orders combined
         if config.debias:
             ba = torch.stack([logp[where[n, j, True]] for j in range(k)])  # [k, 2]: response_b shown as (A)
-            p_swapped = choice_probability(ba[:, 0], ba[:, 1])
-            if config.cot:  # each asked question's probability is clamped, then the two orders are combined
-                p_swapped = clamp_probability(p_swapped, *config.clamp)
-            p = 0.5 * (p + 1.0 - p_swapped)
+            p = debiased_probability(ab, ba, clamp)
+        else:
+            p = clamp_probability(p_first, *clamp) if clamp is not None else p_first
         rec = {**pair, "principles": drawn[n], "p_a": float(p.mean()), "p_a_first": float(p_first.mean()),
                "logprobs_ab": ab.tolist()}
         if config.debias:

@@ -220,6 +220,11 @@ def test_debiased_probability_by_hand():
     ab = torch.log(torch.tensor([0.8, 0.2], dtype=torch.float64))  # P(A) = 0.8 with a shown first
     ba = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))  # P(A) = 0.3 with b shown first -> a gets 0.7
     assert float(debiased_probability(ab, ba)) == pytest.approx(0.75, abs=1e-12)
+    # clamp: each order's p(A) is clamped before the two are averaged (0.9 -> 0.6, 0.5 stays): (0.6 + 0.5) / 2,
+    # not the average clamped afterwards (0.7 -> 0.6)
+    ab = torch.log(torch.tensor([0.9, 0.1], dtype=torch.float64))
+    ba = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert float(debiased_probability(ab, ba, clamp=(0.4, 0.6))) == pytest.approx(0.55, abs=1e-12)
 
 
 def test_cot_probabilities_are_clamped(tok):
