@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import shutil
 import sys
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import append_jsonl, read_jsonl, read_prompts
+from minicai.data import append_jsonl, read_json, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
                             train_preference_model)
@@ -160,13 +159,6 @@ def load(path, device, dtype, fast: bool = True):
     """(model, tokenizer) of a model directory (None: the default model)."""
     model, tok, _ = run.load_model_and_tokenizer(str(path) if path is not None else None, device, dtype, fast)
     return model.eval(), tok
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) (fix: delete the file; it is rewritten)")
 
 
 def _read_done(path: Path) -> dict[int, dict]:
@@ -396,7 +388,7 @@ def main(argv=None) -> None:
             out / "labels.jsonl").is_file() else []
     timings["labels"] = round(time.perf_counter() - t0 - timings["pairs"], 1)
     old = out / "summary.json"  # a partial run (--only) keeps what earlier steps reported
-    summary = read_json(old) if old.is_file() else {}
+    summary = read_json(old, "delete the file; it is rewritten") if old.is_file() else {}
     summary.update({"pairs": len(pairs), "labels": len(labels), "position_bias": position_bias(labels)})
     if labels:
         summary["label_stats"] = {

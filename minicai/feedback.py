@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from minicai import MinicaiError
-from minicai.data import SHARED_DIR
+from minicai.data import SHARED_DIR, read_json
 from minicai.losses import choice_probability, clamp_probability
 from minicai.sampling import generate, pad_rows, response_ids
 
@@ -155,16 +155,11 @@ class CotExample:
 def load_cot_examples(path=DEFAULT_COT_FILE) -> list[CotExample]:
     """The paper's CoT few-shot demos. Each "prompt" reads "\n\nHuman: <question with {}>\n\nAssistant: Let's
     think step by step:<reasoning>\n\nHuman:\nSo the answer is: (X)"."""
-    import json
-
     path = Path(path)
-    try:
-        items = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MinicaiError(f"{path}: no such file (fix: pass the paper's RLMadisonPrecogFewShotPrompts.json, or "
-                           "'none')") from None
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    fix = "pass the paper's RLMadisonPrecogFewShotPrompts.json, or 'none'"
+    if not path.is_file():
+        raise MinicaiError(f"{path}: no such file. Fix: {fix}")
+    items = read_json(path, fix)
     pattern = re.compile(r"\s*Human: (.*)\n\nAssistant: " + re.escape(COT_CUE) + r"(.*)\n\nHuman:\s*So the answer is:"
                          r"( \([AB]\))\s*$", re.S)
     out = []

@@ -19,7 +19,6 @@ and reward_config.json: `RewardModel.from_pretrained(dir)` or `load_reward_model
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from minicai import MinicaiError, distributed, precision
+from minicai.data import read_json
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 from minicai.run import check_finite
@@ -107,10 +107,7 @@ class RewardModel(nn.Module):
         if not head_file.is_file() or not config_file.is_file():
             raise MinicaiError(f"{path}: not a preference model directory (no {HEAD_FILE} / {CONFIG_FILE}). "
                                "Fix: pass the model/ folder written by train_pm.py (e.g. runs/pm/model).")
-        try:
-            cfg = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise MinicaiError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg}); re-run train_pm.py") from None
+        cfg = read_json(config_file, "re-run train_pm.py")
         trunk = Transformer.from_pretrained(path, dtype=dtype, device=device, fast=fast)
         rm = cls(trunk, offset=float(cfg.get("offset", 0.0)), scale=float(cfg.get("scale", 1.0)))
         state = load_file(str(head_file))
