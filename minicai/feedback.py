@@ -381,27 +381,22 @@ _HHH_OPTIONS = re.compile(  # head, option texts a and b, tail
     r"(?P<tail>\n\nThe answer is:)$", re.DOTALL)
 
 
-def iter_hhh(path=None, limit: int | None = None, flag: str = "--file"):
-    """(line number, raw record) of the paper's 438HHHEvaluations.jsonl, at most `limit` of them; a missing file is
-    a MinicaiError that names the flag to fix. Callers check the fields they need."""
-    from minicai.data import iter_jsonl
+def read_hhh(path=None, limit: int | None = None, transcripts: bool = False, flag: str = "--file") -> list[dict]:
+    """The paper's 438HHHEvaluations.jsonl (the first `limit` records): each has "prompt" (ends in "The answer is:")
+    and one answer each in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect};
+    with transcripts, also {conversation_correct, conversation_incorrect}: its "text_correct" / "text_incorrect"
+    transcripts as conversations ending in the correct or the incorrect assistant turn (what a PM scores).
+    A missing or malformed file is a MinicaiError naming file:line and `flag`, the option that chose it."""
+    from minicai.data import iter_jsonl, parse_hh_transcript
 
     path = hhh_file(path)
     if not path.is_file():
         raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass {flag} pointing at the paper's "
                            "438HHHEvaluations.jsonl, or leave it out to obtain it on first use)")
-    for count, (n, rec) in enumerate(iter_jsonl(path)):
-        if limit is not None and count >= limit:
-            return
-        yield n, rec
-
-
-def read_hhh(path=None, limit: int | None = None) -> list[dict]:
-    """The paper's 438HHHEvaluations.jsonl: records with "prompt" (ends in "The answer is:") and one answer each
-    in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect}."""
-    path = hhh_file(path)
     records = []
-    for n, rec in iter_hhh(path, limit, flag="--file"):
+    for n, rec in iter_jsonl(path):
+        if limit is not None and len(records) >= limit:
+            break
         ok = (isinstance(rec.get("prompt"), str) and isinstance(rec.get("corrects"), list)
               and isinstance(rec.get("incorrects"), list) and rec["corrects"] and rec["incorrects"])
         if not ok or {rec["corrects"][0], rec["incorrects"][0]} != set(ANSWERS):
@@ -410,7 +405,18 @@ def read_hhh(path=None, limit: int | None = None) -> list[dict]:
         if not _HHH_OPTIONS.match(rec["prompt"]):
             raise MinicaiError(f"{path}:{n}: the prompt does not end with '\\n (A) [[[...]]]\\n (B) [[[...]]]"
                                "\\n\\nThe answer is:' (fix: use the paper's 438HHHEvaluations.jsonl layout)")
-        records.append({"prompt": rec["prompt"], "correct": rec["corrects"][0], "incorrect": rec["incorrects"][0]})
+        out = {"prompt": rec["prompt"], "correct": rec["corrects"][0], "incorrect": rec["incorrects"][0]}
+        if transcripts:
+            if not isinstance(rec.get("text_correct"), str) or not isinstance(rec.get("text_incorrect"), str):
+                raise MinicaiError(f"{path}:{n}: no 'text_correct'/'text_incorrect' transcripts (fix: use the "
+                                   "paper's 438HHHEvaluations.jsonl)")
+            for key in ("correct", "incorrect"):
+                conv = parse_hh_transcript(rec[f"text_{key}"])
+                if conv[-1]["role"] != "assistant":
+                    raise MinicaiError(f"{path}:{n}: text_{key} does not end with an Assistant turn (fix: use the "
+                                       "paper's 438HHHEvaluations.jsonl)")
+                out[f"conversation_{key}"] = conv
+        records.append(out)
     return records
 
 
