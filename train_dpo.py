@@ -97,12 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     D = " (default: %(default)s)"
     p = argparse.ArgumentParser(description=__doc__, epilog=GPU_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_common_args(p, out_default="runs/dpo")
-    p.set_defaults(model=DEFAULT_POLICY)
-    for action in p._actions:  # the policy starts from the SL-CAI model here, not from the base model
-        if action.dest == "model":
-            action.help = ("initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the "
-                           "base model" + D)
+    run.add_common_args(p, out_default="runs/dpo", model_default=DEFAULT_POLICY,  # the policy starts from SL-CAI
+                        model_help="initial policy and frozen reference: the SL-CAI model (HF layout); 'default' "
+                                   "for the base model" + D)
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="train_pm.py's run directory, holding pairs.jsonl and labels.jsonl" + D)
     p.add_argument("--force", action="store_true",

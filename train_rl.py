@@ -59,12 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="RL-CAI (paper section 4): PPO on the preference model's score with a per-token KL penalty "
                     "against the SL-CAI model. Resumes from the newest checkpoint in --out.")
-    add_common_args(p, out_default="runs/rl")
-    p.set_defaults(model="runs/sl/model")
-    for action in p._actions:  # the policy starts from the SL-CAI model here, not from the base model
-        if action.dest == "model":
-            action.help = ("initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the "
-                           "base model" + D)
+    add_common_args(p, out_default="runs/rl", model_default="runs/sl/model",  # the policy starts from SL-CAI
+                    model_help="initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for "
+                               "the base model" + D)
     p.add_argument("--pm", default="runs/pm/model", help="preference model directory (train_pm.py's model/)" + D)
 
     g = p.add_argument_group("prompts")

@@ -669,11 +669,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", metavar="NAME=DIR",
                    help="models to compare, in stage order (DIR may be 'default'); the first is the anchor "
                         "(default: initial=default, plus sl=runs/sl/model and rl=runs/rl/model when they exist)")
-    add_common_args(p, "runs/report")
-    p.set_defaults(model=None)
-    for action in p._actions:
-        if action.dest == "model":  # the common --model flag is not used here: models are positional
-            action.help = argparse.SUPPRESS
+    add_common_args(p, "runs/report", model_help=argparse.SUPPRESS)  # not used here: models are positional
     g = p.add_argument_group("prompts and responses")
     g.add_argument("--prompts", action="append", metavar="NAME=FILE",
                    help="a held-out prompt set ({prompt} JSONL, HH-RLHF .jsonl(.gz), .txt, or a set name); repeat "
