@@ -43,15 +43,17 @@ from minicai.data import iter_jsonl, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
 from minicai.ppo import clip_grad_norm, policy_logprobs
+from minicai.presets import suggested_command
 from minicai.sampling import pad_rows
 from minicai.sft import lr_at, micro_batches, total_steps, warmup_steps
 
 DEFAULT_POLICY = "runs/sl/model"
 DEFAULT_DATA = "runs/pm"
 
-GPU_EPILOG = """\
-suggested GPU setting (one large GPU), after train_pm.py's GPU setting:
-  python train_dpo.py --device cuda --epochs 2 --batch-size 16 --max-len 512 --lr 1e-6 --eval-pairs 200
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the dpo stage of `python pipeline.py --preset gpu --rl-methods dpo`, after
+train_pm.py's; minicai/presets.py):
+{suggested_command("train_dpo.py", "dpo")}
   bf16 on cuda: fp32 weights (and AdamW states) with the forward passes under bf16 autocast.
 """
 

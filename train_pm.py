@@ -12,12 +12,9 @@ Three steps, each resumable from the file it writes, all on by default:
           and standard deviation 1 on the policy's held-out samples, and saved -> model/ (HF layout +
           reward_head.safetensors), summary.json
 
-    python train_pm.py                                  # CPU-sized defaults: 96 prompts, about 10 minutes on 2 cores
+    python train_pm.py                                  # CPU-sized defaults: 96 prompts
     python train_pm.py --policy runs/sl/model --num-red-team 8 --num-helpful 4    # a quick look
     python train_pm.py --only label --force --cot       # relabel the existing pairs with chain of thought
-
-Default-model costs measured on one busy CPU thread: sampling 8 prompts x 2 x 64 tokens ~12 s, labelling ~3.6 s
-per pair (both orders, 2 few-shot demos), a PM step of 4 pairs ~6.5 s: about 11 minutes for the defaults.
 """
 
 from __future__ import annotations
@@ -38,16 +35,16 @@ from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTI
     load_constitution
 from minicai.data import append_jsonl, read_json, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
+from minicai.presets import suggested_command
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
                             train_preference_model)
 from minicai.sampling import generate, response_ids
 
 DEFAULT_POLICY = Path("runs/sl/model")
 
-GPU_EPILOG = """\
-suggested GPU setting (one large GPU):
-  python train_pm.py --device cuda --num-red-team 2000 --num-helpful 1000 --max-new-tokens 192 \\
-      --gen-batch-size 64 --label-batch-size 32 --pm-epochs 1 --pm-batch-size 16 --pm-max-len 512 --eval-pairs 200
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the pm stage of `python pipeline.py --preset gpu`, minicai/presets.py):
+{suggested_command("train_pm.py", "pm")}
 
 outputs (in --out): args.json, pairs.jsonl, labels.jsonl, metrics.jsonl, summary.json, model/ (config.json,
 model.safetensors, tokenizer files, reward_head.safetensors, reward_config.json, done.json). A rerun skips the
