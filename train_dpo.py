@@ -501,12 +501,7 @@ def main(argv=None) -> None:
     cfg = dpo_config(args)
     out = Path(args.out)
     if args.force:
-        for name in ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        run.remove_outputs(out, ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"))
     if (out / "model" / "done.json").is_file():
         print(f"{out / 'model'} is finished (done.json); nothing to do. Pass --force to train again.")
         return

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -355,13 +354,7 @@ def main(argv=None) -> None:
     steps = ("pairs", "label", "train") if args.only is None else (args.only,)
     if args.force and distributed.is_main():
         doomed = {"pairs": ["pairs.jsonl", "labels.jsonl"], "label": ["labels.jsonl"], "train": ["model"]}
-        for step in steps:
-            for name in doomed[step]:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        run.remove_outputs(out, [name for step in steps for name in doomed[step]])
     policy_path = resolve_policy(args) if ("pairs" in steps or ("train" in steps and not args.pm_init)) else None
     if "label" in steps:  # read the feedback model's input files first: a bad one stops before anything is written
         feedback_config(args), load_constitution(args.constitution, require="comparisons")

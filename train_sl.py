@@ -16,7 +16,6 @@ Two halves, each resumable, both on by default:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -234,16 +233,12 @@ def main(argv=None) -> None:
     if args.force and distributed.is_main():
         doomed = []
         if args.only != "train":
-            doomed += [out / "revisions.jsonl", out / "helpful.jsonl"]
+            doomed += ["revisions.jsonl", "helpful.jsonl"]
         if args.only != "generate":
-            doomed += [out / "model"]
+            doomed += ["model"]
         if args.only is None:
-            doomed += [out / "metrics.jsonl"]
-        for path in doomed:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            doomed += ["metrics.jsonl"]
+        run.remove_outputs(out, doomed)
     distributed.barrier()
     out = run.start_run(args, out)
 

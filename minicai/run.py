@@ -219,6 +219,17 @@ def release_lock(out: Path) -> None:
         pass
 
 
+def remove_outputs(out: Path, names) -> None:
+    """--force: delete each out/<name> that exists (a file, or a folder with everything in it), so that the steps
+    being rerun start afresh instead of resuming."""
+    for name in names:
+        target = Path(out) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 def start_run(args, out: str | Path) -> Path:
     """Open the run directory for writing: take its lock, check that earlier outputs there were made with the
     same settings (check_settings), then record the settings (settings.json, kept while outputs exist),
