@@ -1,12 +1,8 @@
-"""Run sizes: each stage script's size flags per preset, the one source of suggested settings.
+"""Run sizes: each stage script's size flags per preset (cpu, gpu, tiny), the one source of suggested settings.
 
-pipeline.py passes PRESETS[preset][stage] to each stage (its --preset); the training scripts' --help shows the
-"gpu" entry as the suggested command for one large GPU (suggested_command). Flags only, no measurements: how long
-a preset takes on which machine is in BENCHMARKS.md and results/.
-
-  cpu   the scripts' own CPU-sized defaults (the DPO, GRPO and RLOO stages pick their method only)
-  gpu   a starting point for one large GPU and a 0.5B-1.7B instruct model; not tuned
-  tiny  1-2 steps of everything on a handful of prompts with a few tokens: for tests on tiny random models
+pipeline.py passes PRESETS[preset][stage] to each stage (its --preset; its --help says what each preset is for);
+the training scripts' --help shows the "gpu" entry as the suggested command for one large GPU (suggested_command).
+Flags only, no measurements: how long a preset takes on which machine is in BENCHMARKS.md and results/.
 """
 
 from __future__ import annotations
