@@ -27,12 +27,10 @@ Rerunning continues where a run stopped: a stage whose <out>/<stage>/model/done.
 others are started again with the same flags and resume from their own files (revisions.jsonl, pairs.jsonl,
 labels.jsonl, RL checkpoints, responses.jsonl). To redo a stage, delete its folder.
 
-Presets (PRESETS below) only choose each script's size flags; --sl-args/--pm-args/--rl-args/--eval-args append
-more flags (later flags win), e.g. --rl-args="--iterations 60" (write "=": a lone flag such as --rl-args=--force
-would otherwise be read as a pipeline flag).
-  cpu   the scripts' own CPU-sized defaults (their --help estimates about 10 + 10-15 + 10-15 minutes on 2 cores) and
-        an evaluation of 16 prompts per set with 100 HHH records; about 45 minutes in all (an estimate, not a
-        measurement of this exact command).
+Presets (minicai/presets.py) only choose each script's size flags; --sl-args/--pm-args/--rl-args/--eval-args
+append more flags (later flags win), e.g. --rl-args="--iterations 60" (write "=": a lone flag such as
+--rl-args=--force would otherwise be read as a pipeline flag). Measured run times are in BENCHMARKS.md and results/.
+  cpu   the scripts' own CPU-sized defaults and an evaluation of 16 prompts per set with 100 HHH records.
   gpu   a suggestion for one large GPU and a 0.5B-1.7B instruct model (--model DIR, e.g. Qwen2.5-1.5B-Instruct or
         SmolLM2-1.7B-Instruct in HF layout): all 240 training prompts of each set, 4 revision rounds (the paper's
         number), longer responses, 200 PPO iterations of 64 episodes, all 60 evaluation prompts and all 438 HHH
@@ -49,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from minicai.presets import PRESETS
+
 REPO = Path(__file__).resolve().parent
 STAGES = ("sl", "pm", "rl", "eval")
 SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py", "dpo": "train_dpo.py",
@@ -56,51 +56,6 @@ SCRIPTS = {"sl": "train_sl.py", "pm": "train_pm.py", "rl": "train_rl.py", "dpo":
 # --rl-methods: the stage (and run folder) that trains each method; "rl" is PPO, as in the paper's RL-CAI.
 RL_METHODS = {"ppo": "rl", "dpo": "dpo", "grpo": "grpo", "rloo": "rloo"}
 METHOD_STAGES = ("dpo", "grpo", "rloo")  # the stages beside rl; each has its own PRESETS entry and --X-args
-
-PRESETS: dict[str, dict[str, list[str]]] = {
-    "cpu": {
-        "sl": [],
-        "pm": [],
-        "rl": [],
-        "dpo": [],
-        "grpo": ["--advantage", "grpo"],
-        "rloo": ["--advantage", "rloo"],
-        "eval": ["--limit", "16", "--hhh-limit", "100"],
-    },
-    "gpu": {
-        "sl": ["--num-prompts", "240", "--num-helpful", "240", "--rounds", "4", "--num-examples", "2",
-               "--gen-batch-size", "64", "--response-tokens", "192", "--critique-tokens", "128",
-               "--revision-tokens", "192", "--epochs", "2", "--batch-size", "16", "--grad-accum", "2",
-               "--max-len", "512", "--lr", "1e-5"],
-        "pm": ["--num-red-team", "240", "--num-helpful", "240", "--max-new-tokens", "192", "--gen-batch-size", "64",
-               "--label-batch-size", "32", "--pm-batch-size", "16", "--pm-max-len", "512", "--eval-pairs", "48"],
-        "rl": ["--iterations", "200", "--batch-size", "64", "--minibatch-size", "16", "--max-new-tokens", "128",
-               "--pm-batch-size", "32", "--save-every", "10"],
-        "dpo": ["--epochs", "2", "--batch-size", "16", "--max-len", "512", "--lr", "1e-6", "--eval-pairs", "48"],
-        "grpo": ["--advantage", "grpo", "--group-size", "8", "--iterations", "200", "--batch-size", "64",
-                 "--minibatch-size", "16", "--max-new-tokens", "128", "--pm-batch-size", "32", "--save-every", "10"],
-        "rloo": ["--advantage", "rloo", "--group-size", "8", "--iterations", "200", "--batch-size", "64",
-                 "--minibatch-size", "16", "--max-new-tokens", "128", "--pm-batch-size", "32", "--save-every", "10"],
-        "eval": ["--limit", "60", "--max-new-tokens", "192", "--gen-batch-size", "32", "--judge-batch-size", "32",
-                 "--pm-batch-size", "32"],
-    },
-    "tiny": {
-        "sl": ["--num-prompts", "2", "--num-helpful", "1", "--rounds", "1", "--num-examples", "0",
-               "--max-new-tokens", "6", "--steps", "1", "--batch-size", "2", "--max-len", "512"],
-        "pm": ["--num-red-team", "2", "--num-helpful", "2", "--max-new-tokens", "6", "--eval-pairs", "1",
-               "--fewshot-count", "0", "--pm-max-len", "512"],
-        "rl": ["--iterations", "2", "--batch-size", "2", "--minibatch-size", "2", "--max-new-tokens", "6",
-               "--ppo-epochs", "1", "--max-prompts", "4", "--max-prompt-tokens", "4096", "--save-every", "1"],
-        "dpo": ["--steps", "2", "--batch-size", "1", "--eval-pairs", "1", "--max-len", "512", "--save-every", "1"],
-        "grpo": ["--advantage", "grpo", "--group-size", "2", "--iterations", "2", "--batch-size", "4",
-                 "--minibatch-size", "2", "--max-new-tokens", "6", "--ppo-epochs", "1", "--max-prompts", "4",
-                 "--max-prompt-tokens", "4096", "--save-every", "1"],
-        "rloo": ["--advantage", "rloo", "--group-size", "2", "--iterations", "2", "--batch-size", "4",
-                 "--minibatch-size", "2", "--max-new-tokens", "6", "--ppo-epochs", "1", "--max-prompts", "4",
-                 "--max-prompt-tokens", "4096", "--save-every", "1"],
-        "eval": ["--limit", "2", "--max-new-tokens", "6", "--hhh-limit", "2", "--samples", "1", "--no-toxicity"],
-    },
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -44,16 +44,17 @@ from minicai.data import iter_jsonl, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
 from minicai.ppo import clip_grad_norm, policy_logprobs
-from minicai.reward import pad_batch
-from minicai.sampling import left_pad
+from minicai.presets import suggested_command
+from minicai.sampling import pad_rows
 from minicai.sft import lr_at, micro_batches, total_steps, warmup_steps
 
 DEFAULT_POLICY = "runs/sl/model"
 DEFAULT_DATA = "runs/pm"
 
-GPU_EPILOG = """\
-suggested GPU setting (one large GPU), after train_pm.py's GPU setting:
-  python train_dpo.py --device cuda --epochs 2 --batch-size 16 --max-len 512 --lr 1e-6 --eval-pairs 200
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the dpo stage of `python pipeline.py --preset gpu --rl-methods dpo`, after
+train_pm.py's; minicai/presets.py):
+{suggested_command("train_dpo.py", "dpo")}
   bf16 on cuda: fp32 weights (and AdamW states) with the forward passes under bf16 autocast.
 """
 
@@ -99,12 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     D = " (default: %(default)s)"
     p = argparse.ArgumentParser(description=__doc__, epilog=GPU_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_common_args(p, out_default="runs/dpo")
-    p.set_defaults(model=DEFAULT_POLICY)
-    for action in p._actions:  # the policy starts from the SL-CAI model here, not from the base model
-        if action.dest == "model":
-            action.help = ("initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the "
-                           "base model" + D)
+    run.add_common_args(p, out_default="runs/dpo", model_default=DEFAULT_POLICY,  # the policy starts from SL-CAI
+                        model_help="initial policy and frozen reference: the SL-CAI model (HF layout); 'default' "
+                                   "for the base model" + D)
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="train_pm.py's run directory, holding pairs.jsonl and labels.jsonl" + D)
     p.add_argument("--force", action="store_true",
@@ -279,8 +277,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int, device) -> PairBatch:
     prompts = [p.prompt for p in pairs] * 2  # [2B]: rows i and B + i are the two responses to one prompt
     responses = [p.response_a for p in pairs] + [p.response_b for p in pairs]
     L = shared_prefix_length(prompts)
-    query_ids, query_mask = left_pad([q[L:] for q in prompts], pad_id)  # [2B, P]
-    resp_ids, resp_mask = pad_batch(responses, pad_id)  # [2B, N]
+    query_ids, query_mask = pad_rows([q[L:] for q in prompts], pad_id, "left")  # [2B, P]
+    resp_ids, resp_mask = pad_rows(responses, pad_id, "right")  # [2B, N]
     return PairBatch(
         prefix=torch.tensor(prompts[0][:L], dtype=torch.long, device=device),
         ids=torch.cat([query_ids, resp_ids], dim=1).to(device), mask=torch.cat([query_mask, resp_mask], 1).to(device),
@@ -558,12 +556,7 @@ def main(argv=None) -> None:
     cfg = dpo_config(args)
     out = Path(args.out)
     if args.force and distributed.is_main():
-        for name in ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        run.remove_outputs(out, ("model", "checkpoints", "metrics.jsonl", "summary.json", "cost.json"))
     distributed.barrier()
     if (out / "model" / "done.json").is_file():
         if distributed.is_main():

@@ -12,21 +12,16 @@ Three steps, each resumable from the file it writes, all on by default:
           and standard deviation 1 on the policy's held-out samples, and saved -> model/ (HF layout +
           reward_head.safetensors), summary.json
 
-    python train_pm.py                                  # CPU-sized defaults: 96 prompts, about 10 minutes on 2 cores
+    python train_pm.py                                  # CPU-sized defaults: 96 prompts
     python train_pm.py --policy runs/sl/model --num-red-team 8 --num-helpful 4    # a quick look
     python train_pm.py --only label --force --cot       # relabel the existing pairs with chain of thought
-
-Default-model costs measured on one busy CPU thread: sampling 8 prompts x 2 x 64 tokens ~12 s, labelling ~3.6 s
-per pair (both orders, 2 few-shot demos), a PM step of 4 pairs ~6.5 s: about 11 minutes for the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -37,18 +32,18 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import append_jsonl, read_jsonl, read_prompts
+from minicai.data import append_jsonl, read_json, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
+from minicai.presets import suggested_command
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
                             train_preference_model)
 from minicai.sampling import generate, response_ids
 
 DEFAULT_POLICY = Path("runs/sl/model")
 
-GPU_EPILOG = """\
-suggested GPU setting (one large GPU):
-  python train_pm.py --device cuda --num-red-team 2000 --num-helpful 1000 --max-new-tokens 192 \\
-      --gen-batch-size 64 --label-batch-size 32 --pm-epochs 1 --pm-batch-size 16 --pm-max-len 512 --eval-pairs 200
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the pm stage of `python pipeline.py --preset gpu`, minicai/presets.py):
+{suggested_command("train_pm.py", "pm")}
 
 outputs (in --out): args.json, pairs.jsonl, labels.jsonl, metrics.jsonl, summary.json, model/ (config.json,
 model.safetensors, tokenizer files, reward_head.safetensors, reward_config.json, done.json). A rerun skips the
@@ -160,13 +155,6 @@ def load(path, device, dtype, fast: bool = True):
     """(model, tokenizer) of a model directory (None: the default model)."""
     model, tok, _ = run.load_model_and_tokenizer(str(path) if path is not None else None, device, dtype, fast)
     return model.eval(), tok
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) (fix: delete the file; it is rewritten)")
 
 
 def _read_done(path: Path) -> dict[int, dict]:
@@ -366,13 +354,7 @@ def main(argv=None) -> None:
     steps = ("pairs", "label", "train") if args.only is None else (args.only,)
     if args.force and distributed.is_main():
         doomed = {"pairs": ["pairs.jsonl", "labels.jsonl"], "label": ["labels.jsonl"], "train": ["model"]}
-        for step in steps:
-            for name in doomed[step]:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        run.remove_outputs(out, [name for step in steps for name in doomed[step]])
     policy_path = resolve_policy(args) if ("pairs" in steps or ("train" in steps and not args.pm_init)) else None
     if "label" in steps:  # read the feedback model's input files first: a bad one stops before anything is written
         feedback_config(args), load_constitution(args.constitution, require="comparisons")
@@ -396,7 +378,7 @@ def main(argv=None) -> None:
             out / "labels.jsonl").is_file() else []
     timings["labels"] = round(time.perf_counter() - t0 - timings["pairs"], 1)
     old = out / "summary.json"  # a partial run (--only) keeps what earlier steps reported
-    summary = read_json(old) if old.is_file() else {}
+    summary = read_json(old, "delete the file; it is rewritten") if old.is_file() else {}
     summary.update({"pairs": len(pairs), "labels": len(labels), "position_bias": position_bias(labels)})
     if labels:
         summary["label_stats"] = {

@@ -47,24 +47,28 @@ from minicai.ppo import (
     save_checkpoint,
     score_with_pm,
 )
+from minicai.presets import suggested_command
 from minicai.reward import load_reward_model
 from minicai.run import add_common_args, cli_main, load_model_and_tokenizer, log_metrics, save_model, setup, \
     start_run, write_cost
 
 DEFAULTS = PPOConfig()
 
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the rl stage of `python pipeline.py --preset gpu`, minicai/presets.py):
+{suggested_command("train_rl.py", "rl")}
+"""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     D = " (default: %(default)s)"
     p = argparse.ArgumentParser(
-        description="RL-CAI (paper section 4): PPO on the preference model's score with a per-token KL penalty "
-                    "against the SL-CAI model. Resumes from the newest checkpoint in --out.")
-    add_common_args(p, out_default="runs/rl")
-    p.set_defaults(model="runs/sl/model")
-    for action in p._actions:  # the policy starts from the SL-CAI model here, not from the base model
-        if action.dest == "model":
-            action.help = ("initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the "
-                           "base model" + D)
+        description="RL-CAI (paper section 4): PPO on the preference model's score with a per-token KL penalty\n"
+                    "against the SL-CAI model. Resumes from the newest checkpoint in --out.",
+        epilog=GPU_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, out_default="runs/rl", model_default="runs/sl/model",  # the policy starts from SL-CAI
+                    model_help="initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for "
+                               "the base model" + D)
     p.add_argument("--pm", default="runs/pm/model", help="preference model directory (train_pm.py's model/)" + D)
 
     g = p.add_argument_group("prompts")

@@ -8,7 +8,7 @@ Two halves, each resumable, both on by default:
   train     fine-tune the model on (prompt, revision) pairs mixed with the helpful answers (minicai/sft.py)
             -> model/ (HF layout, with done.json once finished), metrics.jsonl
 
-    python train_sl.py                               # CPU-sized defaults, about 10 minutes on 2 cores
+    python train_sl.py                               # CPU-sized defaults
     python train_sl.py --only generate               # the data half only
     python train_sl.py --data runs/sl/revisions.jsonl --out runs/sl2   # train on an existing revisions file
 """
@@ -16,7 +16,6 @@ Two halves, each resumable, both on by default:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -27,15 +26,14 @@ from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLE
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
 from minicai.data import read_jsonl, read_prompts
+from minicai.presets import suggested_command
 from minicai.sft import SFTConfig, build_examples, helpful_pairs, revision_pairs, split_heldout, train_sft
 
 DEFAULTS = CritiqueSettings()  # the CPU-sized generation defaults
 
-GPU_EPILOG = """\
-suggested GPU setting (one large GPU): all 240 project red-team prompts, the paper's R = 4 rounds:
-  python train_sl.py --device cuda --num-prompts 240 --num-helpful 240 --rounds 4 --num-examples 2 \\
-      --gen-batch-size 64 --response-tokens 192 --critique-tokens 128 --revision-tokens 192 \\
-      --epochs 2 --batch-size 16 --max-len 512
+GPU_EPILOG = f"""\
+suggested GPU setting (one large GPU; the sl stage of `python pipeline.py --preset gpu`, minicai/presets.py):
+{suggested_command("train_sl.py", "sl")}
   more prompts: --red-team FILE.jsonl.gz (HH-RLHF transcripts: the first Human turn is the prompt)
   bf16 (the default on cuda): generation runs in bf16; fine-tuning keeps fp32 weights and runs the forward and
   backward passes under bf16 autocast (minicai/precision.py).
@@ -49,7 +47,7 @@ finished model/; --force starts the halves it runs from scratch.
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="SL-CAI (paper section 3): critique -> revision data from the helpful model, then "
-                    "supervised fine-tuning on the revisions. Defaults are sized for about 10 minutes on 2 CPU cores.",
+                    "supervised fine-tuning on the revisions. Defaults are sized for a CPU.",
         epilog=GPU_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_common_args(p, "runs/sl")
     g = p.add_argument_group("what to run")
@@ -235,16 +233,12 @@ def main(argv=None) -> None:
     if args.force and distributed.is_main():
         doomed = []
         if args.only != "train":
-            doomed += [out / "revisions.jsonl", out / "helpful.jsonl"]
+            doomed += ["revisions.jsonl", "helpful.jsonl"]
         if args.only != "generate":
-            doomed += [out / "model"]
+            doomed += ["model"]
         if args.only is None:
-            doomed += [out / "metrics.jsonl"]
-        for path in doomed:
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            doomed += ["metrics.jsonl"]
+        run.remove_outputs(out, doomed)
     distributed.barrier()
     out = run.start_run(args, out)
 

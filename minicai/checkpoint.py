@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minicai import MinicaiError
-from minicai.data import atomic_write_text
+from minicai.data import atomic_write_text, read_json
 from minicai.model import ModelConfig, Transformer
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -96,20 +96,13 @@ def config_to_hf(config: ModelConfig) -> dict:
     return hf
 
 
-def _read_json(file: Path, what: str):
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{file}:{e.lineno}: invalid JSON ({e.msg}). Fix: {what}") from None
-
-
 def load_config(path) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
     file = Path(path) / "config.json"
     if not file.exists():
         raise MinicaiError(f"{file}: not found; a model directory needs config.json (HF layout). Fix: pass --model "
                            "DIR with a complete HF-layout model, or omit it for the default model")
-    return config_from_hf(_read_json(file, "repair or replace config.json"), source=str(file))
+    return config_from_hf(read_json(file, "repair or replace config.json"), source=str(file))
 
 
 def safetensors_files(path) -> list[Path]:
@@ -122,7 +115,7 @@ def safetensors_files(path) -> list[Path]:
     if not index.exists():
         raise MinicaiError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
                            "weights are read). Fix: convert .bin checkpoints with transformers' save_pretrained")
-    weight_map = _read_json(index, "re-download or re-save the model").get("weight_map")
+    weight_map = read_json(index, "re-download or re-save the model").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise MinicaiError(f"{index}: no 'weight_map' (tensor name -> shard file). Fix: re-download or re-save the "
                            "model")

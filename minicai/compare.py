@@ -50,13 +50,13 @@ import torch
 from tqdm import tqdm
 
 from minicai import MinicaiError
-from minicai.data import DEFAULT_PROMPTS, append_jsonl, parse_hh_transcript, read_jsonl, read_prompts
-from minicai.feedback import DEFAULT_HHH_FILE, FeedbackConfig, debiased_probability, hhh_evaluate, iter_hhh, \
-    label_pairs, read_hhh
+from minicai.data import DEFAULT_PROMPTS, append_jsonl, read_jsonl, read_prompts
+from minicai.feedback import DEFAULT_HHH_FILE, FeedbackConfig, debiased_probability, hhh_evaluate, label_pairs, \
+    read_hhh
 from minicai.report import print_summary, resolve_shown, shown_path, write_report
-from minicai.reward import load_reward_model, pad_batch, score_conversations
+from minicai.reward import load_reward_model, score_conversations
 from minicai.run import add_common_args, atomic_write_json, load_model_and_tokenizer, setup
-from minicai.sampling import generate, response_ids
+from minicai.sampling import generate, pad_rows, response_ids
 from minicai.stats import evasive_reason, evasiveness, kl_to_reference, mean_ci, summarise_judgments, \
     toxicity_summary, wilson_interval
 from minicai.weights import resolve_model
@@ -212,7 +212,6 @@ def response_token_logprobs(model, tok, records: list[dict], batch_size: int = 8
     distribution) -> [per-token list per record]. The tokens are the record's sampled token_ids (with the stop
     token when the response finished); a record cached before token_ids were stored is re-encoded from its text."""
     from minicai.ppo import policy_logprobs
-    from minicai.sampling import left_pad
 
     out = []
     device = next(model.parameters()).device
@@ -221,7 +220,7 @@ def response_token_logprobs(model, tok, records: list[dict], batch_size: int = 8
         prompts = [tok.render([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True) for r in chunk]
         resp = [list(r["token_ids"]) if "token_ids" in r else tok.encode(r["response"]) for r in chunk]
         width = max(1, max(len(y) for y in resp))
-        p_ids, p_mask = left_pad(prompts, tok.pad_id, device)  # [B, P]
+        p_ids, p_mask = pad_rows(prompts, tok.pad_id, "left", device)  # [B, P]
         r_ids = torch.tensor([y + [tok.pad_id] * (width - len(y)) for y in resp], device=device)  # [B, N]
         r_mask = torch.tensor([[1] * len(y) + [0] * (width - len(y)) for y in resp], device=device)
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask.to(r_mask.dtype), r_mask], 1)  # [B, P + N]
@@ -263,41 +262,25 @@ def revision_pm_scores(rm, tok, records: list[dict], batch_size: int = 8, max_le
     return rows
 
 
-def read_hhh_transcripts(path=None, limit: int | None = None) -> list[tuple[list[dict], list[dict]]]:
-    """(conversation ending in the correct response, conversation ending in the incorrect one) per HHH record, from
-    the "text_correct" / "text_incorrect" transcripts of the paper's 438HHHEvaluations.jsonl."""
-    path = Path(path) if path is not None else DEFAULT_HHH_FILE
-    out = []
-    for n, rec in iter_hhh(path, limit, flag="--hhh-file"):
-        if not isinstance(rec.get("text_correct"), str) or not isinstance(rec.get("text_incorrect"), str):
-            raise MinicaiError(f"{path}:{n}: no 'text_correct'/'text_incorrect' transcripts (fix: use the paper's "
-                               "438HHHEvaluations.jsonl)")
-        good, bad = parse_hh_transcript(rec["text_correct"]), parse_hh_transcript(rec["text_incorrect"])
-        if good[-1]["role"] != "assistant" or bad[-1]["role"] != "assistant":
-            raise MinicaiError(f"{path}:{n}: a transcript does not end with an Assistant turn")
-        out.append((good, bad))
-    return out
-
-
-def pm_hhh_accuracy(rm, tok, pairs: list[tuple[list[dict], list[dict]]], batch_size: int = 8,
-                    max_len: int | None = 512) -> dict:
+def pm_hhh_accuracy(rm, tok, records: list[dict], batch_size: int = 8, max_len: int | None = 512) -> dict:
     """The PM on the HHH comparisons (paper Figure 4's PM line): each conversation, ending in the correct or the
-    incorrect response, is scored whole; the PM is right when the correct one scores strictly higher."""
+    incorrect response, is scored whole; the PM is right when the correct one scores strictly higher.
+    records: feedback.read_hhh(..., transcripts=True)."""
     rows = []
-    for good, bad in pairs:
-        for conv in (good, bad):
+    for r in records:
+        for conv in (r["conversation_correct"], r["conversation_incorrect"]):
             ids = tok.render(conv)
             rows.append(ids[-max_len:] if max_len else ids)
     scores = []
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            ids, mask = pad_batch(rows[s : s + batch_size], tok.pad_id)
+            ids, mask = pad_rows(rows[s : s + batch_size], tok.pad_id, "right")
             scores += rm(ids.to(rm.device), mask.to(rm.device)).float().cpu().tolist()
     good, bad = scores[0::2], scores[1::2]
     right = sum(g > b for g, b in zip(good, bad))
-    low, high = wilson_interval(right, len(pairs))
-    return {"n": len(pairs), "accuracy": right / len(pairs), "ci_low": low, "ci_high": high,
-            "mean_margin": sum(g - b for g, b in zip(good, bad)) / len(pairs)}
+    low, high = wilson_interval(right, len(records))
+    return {"n": len(records), "accuracy": right / len(records), "ci_low": low, "ci_high": high,
+            "mean_margin": sum(g - b for g, b in zip(good, bad)) / len(records)}
 
 
 # =====================================================================================================================
@@ -309,7 +292,7 @@ def lm_hhh_accuracy(model_dir: Path, device, dtype, path=None, limit: int | None
     """A language model's accuracy on the HHH questions as a judge (feedback.hhh_evaluate), raw and debiased, each
     with a 95% Wilson interval, and its share of "(A)" answers."""
 
-    records = read_hhh(path, limit)
+    records = read_hhh(path, limit, flag="--hhh-file")
     model, tok, _ = load_model_and_tokenizer(str(model_dir), device, dtype, fast)
     res = hhh_evaluate(model.eval(), tok, records, batch_size=batch_size, chat=chat, debias=True)
     del model
@@ -533,7 +516,8 @@ def pm_section(ev: Evaluation, responses: dict, hhh: dict) -> dict:
     if ev.hhh_file is not None:
         key = _digest("pm", model_fingerprint(pm_dir), shown_path(ev.hhh_file, ev.out), a.hhh_limit, a.pm_max_len)
         hhh["preference model"] = cached_hhh(ev.out, key, lambda: pm_hhh_accuracy(
-            rm, pm_tok, read_hhh_transcripts(ev.hhh_file, a.hhh_limit), a.pm_batch_size, a.pm_max_len))
+            rm, pm_tok, read_hhh(ev.hhh_file, a.hhh_limit, transcripts=True, flag="--hhh-file"), a.pm_batch_size,
+            a.pm_max_len))
     return report
 
 
@@ -685,11 +669,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", metavar="NAME=DIR",
                    help="models to compare, in stage order (DIR may be 'default'); the first is the anchor "
                         "(default: initial=default, plus sl=runs/sl/model and rl=runs/rl/model when they exist)")
-    add_common_args(p, "runs/report")
-    p.set_defaults(model=None)
-    for action in p._actions:
-        if action.dest == "model":  # the common --model flag is not used here: models are positional
-            action.help = argparse.SUPPRESS
+    add_common_args(p, "runs/report", model_help=argparse.SUPPRESS)  # not used here: models are positional
     g = p.add_argument_group("prompts and responses")
     g.add_argument("--prompts", action="append", metavar="NAME=FILE",
                    help="a held-out prompt set ({prompt} JSONL, HH-RLHF .jsonl(.gz), .txt, or a set name); repeat "

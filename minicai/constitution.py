@@ -14,7 +14,6 @@ runs with either. Draws are independent and with replacement, as in the paper.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from minicai import MinicaiError
-from minicai.data import DATA_DIR, REPO_ROOT, iter_jsonl, parse_hh_transcript
+from minicai.data import DATA_DIR, REPO_ROOT, iter_jsonl, parse_hh_transcript, read_json
 
 DEFAULT_CONSTITUTION = REPO_ROOT / "constitution.txt"
 DEFAULT_CRITIQUE_EXAMPLES = DATA_DIR / "critique_examples.jsonl"
@@ -101,11 +100,10 @@ def load_constitution(path=DEFAULT_CONSTITUTION, require: str | None = None) -> 
     path = resolve_paper_name(path)
     if not path.is_file():
         raise MinicaiError(f"{path}: constitution file not found (fix: check the path)")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        constitution = _constitution_from_json(path, text)
+        constitution = _constitution_from_json(path, read_json(path, "repair the file"))
     else:
-        constitution = _constitution_from_text(path, text)
+        constitution = _constitution_from_text(path, path.read_text(encoding="utf-8"))
     if require is not None:
         if require not in ("critiques", "comparisons"):
             raise ValueError(f"require must be 'critiques' or 'comparisons', got {require!r}")
@@ -228,18 +226,11 @@ def _constitution_from_text(path: Path, text: str) -> Constitution:
     return Constitution(critiques=critiques, comparisons=principles, path=str(path))
 
 
-def _load_json(path: Path, text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: not valid JSON ({e.msg}) (fix: repair the file)") from None
-
-
 def _read_json_file(path: Path):
     """A few-shot JSON file's content; a missing file or bad JSON is a MinicaiError naming it."""
     if not path.is_file():
         raise MinicaiError(f"{path}: file not found (fix: check the path)")
-    return _load_json(path, path.read_text(encoding="utf-8"))
+    return read_json(path, "repair the file")
 
 
 def _unframe(text: str, label: str, tail: str) -> str:
@@ -248,9 +239,8 @@ def _unframe(text: str, label: str, tail: str) -> str:
     return m.group(1).strip()
 
 
-def _constitution_from_json(path: Path, text: str) -> Constitution:
-    """The paper's CritiqueRevisionInstructions.json (dict) or RLMadisonInstructions.json (list)."""
-    obj = _load_json(path, text)
+def _constitution_from_json(path: Path, obj) -> Constitution:
+    """The paper's CritiqueRevisionInstructions.json (dict) or RLMadisonInstructions.json (list), as read."""
     if isinstance(obj, dict):
         critiques = []
         for name, entry in obj.items():

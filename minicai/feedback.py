@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 from minicai import MinicaiError
-from minicai.data import SHARED_DIR
+from minicai.data import SHARED_DIR, read_json
 from minicai.losses import choice_probability, clamp_probability
-from minicai.sampling import generate, left_pad, response_ids
+from minicai.sampling import generate, pad_rows, response_ids
 
 ANSWERS = (" (A)", " (B)")  # the two continuations that are scored
 INTRO = "Consider the following conversation between a human and an assistant:"
@@ -155,16 +155,11 @@ class CotExample:
 def load_cot_examples(path=DEFAULT_COT_FILE) -> list[CotExample]:
     """The paper's CoT few-shot demos. Each "prompt" reads "\n\nHuman: <question with {}>\n\nAssistant: Let's
     think step by step:<reasoning>\n\nHuman:\nSo the answer is: (X)"."""
-    import json
-
     path = Path(path)
-    try:
-        items = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MinicaiError(f"{path}: no such file (fix: pass the paper's RLMadisonPrecogFewShotPrompts.json, or "
-                           "'none')") from None
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    fix = "pass the paper's RLMadisonPrecogFewShotPrompts.json, or 'none'"
+    if not path.is_file():
+        raise MinicaiError(f"{path}: no such file. Fix: {fix}")
+    items = read_json(path, fix)
     pattern = re.compile(r"\s*Human: (.*)\n\nAssistant: " + re.escape(COT_CUE) + r"(.*)\n\nHuman:\s*So the answer is:"
                          r"( \([AB]\))\s*$", re.S)
     out = []
@@ -209,17 +204,12 @@ def option_logprobs(model, prompts: list[list[int]], options: list[list[int]], b
         raise ValueError("option_logprobs needs non-empty options")
     device = model.device
     K, L = len(options), max(len(o) for o in options)
-    opt_ids = torch.full((K, L), pad_id, dtype=torch.long)  # right-padded options
-    opt_mask = torch.zeros((K, L), dtype=torch.long)
-    for k, o in enumerate(options):
-        opt_ids[k, : len(o)] = torch.tensor(o, dtype=torch.long)
-        opt_mask[k, : len(o)] = 1
-    opt_ids, opt_mask = opt_ids.to(device), opt_mask.to(device)
+    opt_ids, opt_mask = pad_rows(options, pad_id, "right", device)  # [K, L]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = torch.zeros((len(prompts), K), dtype=torch.float32)
     for start in range(0, len(prompts), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad_id, device)  # [b, P]
+        ids, mask = pad_rows([prompts[i] for i in idx], pad_id, "left", device)  # [b, P]
         b, P = ids.shape
         cache = model.new_cache(b, P)
         last = model.hidden_states(ids, mask, cache=cache)[:, -1]  # [b, D]: predicts every option's first token
@@ -244,13 +234,17 @@ def answer_logprobs(model, tok, texts: list[str], batch_size: int = 8) -> torch.
                            batch_size=batch_size, pad_id=tok.pad_id)
 
 
-def debiased_probability(logp_ab: torch.Tensor, logp_ba: torch.Tensor) -> torch.Tensor:
+def debiased_probability(logp_ab: torch.Tensor, logp_ba: torch.Tensor,
+                         clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """P(response a is better) from both orders: [..., 2] log-probs of (" (A)", " (B)") each -> [...].
 
     logp_ab: asked with a as (A); logp_ba: asked with a as (B). The average of p(A | a first) and
-    1 - p(A | b first), so a pure position preference cancels out to 0.5."""
+    1 - p(A | b first), so a pure position preference cancels out to 0.5. clamp (low, high): each order's p(A) is
+    clamped first, as chain-of-thought labels are (section 4.1)."""
     p_first = choice_probability(logp_ab[..., 0], logp_ab[..., 1])
     p_swapped = choice_probability(logp_ba[..., 0], logp_ba[..., 1])
+    if clamp is not None:
+        p_first, p_swapped = clamp_probability(p_first, *clamp), clamp_probability(p_swapped, *clamp)
     return 0.5 * (p_first + 1.0 - p_swapped)
 
 
@@ -329,13 +323,12 @@ def label_pairs(model, tok, pairs: list[dict], principles: list[str], config: Fe
         k = len(drawn[n])
         ab = torch.stack([logp[where[n, j, False]] for j in range(k)])  # [k, 2]: response_a shown as (A)
         p_first = choice_probability(ab[:, 0], ab[:, 1])  # [k]
-        p = clamp_probability(p_first, *config.clamp) if config.cot else p_first
+        clamp = config.clamp if config.cot else None  # CoT: each question's p(A) is clamped, then orders combined
         if config.debias:
             ba = torch.stack([logp[where[n, j, True]] for j in range(k)])  # [k, 2]: response_b shown as (A)
-            p_swapped = choice_probability(ba[:, 0], ba[:, 1])
-            if config.cot:  # each asked question's probability is clamped, then the two orders are combined
-                p_swapped = clamp_probability(p_swapped, *config.clamp)
-            p = 0.5 * (p + 1.0 - p_swapped)
+            p = debiased_probability(ab, ba, clamp)
+        else:
+            p = clamp_probability(p_first, *clamp) if clamp is not None else p_first
         rec = {**pair, "principles": drawn[n], "p_a": float(p.mean()), "p_a_first": float(p_first.mean()),
                "logprobs_ab": ab.tolist()}
         if config.debias:
@@ -388,27 +381,22 @@ _HHH_OPTIONS = re.compile(  # head, option texts a and b, tail
     r"(?P<tail>\n\nThe answer is:)$", re.DOTALL)
 
 
-def iter_hhh(path=None, limit: int | None = None, flag: str = "--file"):
-    """(line number, raw record) of the paper's 438HHHEvaluations.jsonl, at most `limit` of them; a missing file is
-    a MinicaiError that names the flag to fix. Callers check the fields they need."""
-    from minicai.data import iter_jsonl
+def read_hhh(path=None, limit: int | None = None, transcripts: bool = False, flag: str = "--file") -> list[dict]:
+    """The paper's 438HHHEvaluations.jsonl (the first `limit` records): each has "prompt" (ends in "The answer is:")
+    and one answer each in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect};
+    with transcripts, also {conversation_correct, conversation_incorrect}: its "text_correct" / "text_incorrect"
+    transcripts as conversations ending in the correct or the incorrect assistant turn (what a PM scores).
+    A missing or malformed file is a MinicaiError naming file:line and `flag`, the option that chose it."""
+    from minicai.data import iter_jsonl, parse_hh_transcript
 
     path = hhh_file(path)
     if not path.is_file():
         raise MinicaiError(f"{path}: HHH evaluation file not found (fix: pass {flag} pointing at the paper's "
                            "438HHHEvaluations.jsonl, or leave it out to obtain it on first use)")
-    for count, (n, rec) in enumerate(iter_jsonl(path)):
-        if limit is not None and count >= limit:
-            return
-        yield n, rec
-
-
-def read_hhh(path=None, limit: int | None = None) -> list[dict]:
-    """The paper's 438HHHEvaluations.jsonl: records with "prompt" (ends in "The answer is:") and one answer each
-    in "corrects" / "incorrects" (" (A)" or " (B)"). Returns dicts {prompt, correct, incorrect}."""
-    path = hhh_file(path)
     records = []
-    for n, rec in iter_hhh(path, limit, flag="--file"):
+    for n, rec in iter_jsonl(path):
+        if limit is not None and len(records) >= limit:
+            break
         ok = (isinstance(rec.get("prompt"), str) and isinstance(rec.get("corrects"), list)
               and isinstance(rec.get("incorrects"), list) and rec["corrects"] and rec["incorrects"])
         if not ok or {rec["corrects"][0], rec["incorrects"][0]} != set(ANSWERS):
@@ -417,7 +405,18 @@ def read_hhh(path=None, limit: int | None = None) -> list[dict]:
         if not _HHH_OPTIONS.match(rec["prompt"]):
             raise MinicaiError(f"{path}:{n}: the prompt does not end with '\\n (A) [[[...]]]\\n (B) [[[...]]]"
                                "\\n\\nThe answer is:' (fix: use the paper's 438HHHEvaluations.jsonl layout)")
-        records.append({"prompt": rec["prompt"], "correct": rec["corrects"][0], "incorrect": rec["incorrects"][0]})
+        out = {"prompt": rec["prompt"], "correct": rec["corrects"][0], "incorrect": rec["incorrects"][0]}
+        if transcripts:
+            if not isinstance(rec.get("text_correct"), str) or not isinstance(rec.get("text_incorrect"), str):
+                raise MinicaiError(f"{path}:{n}: no 'text_correct'/'text_incorrect' transcripts (fix: use the "
+                                   "paper's 438HHHEvaluations.jsonl)")
+            for key in ("correct", "incorrect"):
+                conv = parse_hh_transcript(rec[f"text_{key}"])
+                if conv[-1]["role"] != "assistant":
+                    raise MinicaiError(f"{path}:{n}: text_{key} does not end with an Assistant turn (fix: use the "
+                                       "paper's 438HHHEvaluations.jsonl)")
+                out[f"conversation_{key}"] = conv
+        records.append(out)
     return records
 
 

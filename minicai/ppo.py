@@ -60,7 +60,7 @@ from minicai.losses import (
 )
 from minicai.model import shared_prefix_length
 from minicai.run import check_finite
-from minicai.sampling import generate, left_pad, response_ids
+from minicai.sampling import generate, pad_rows, response_ids
 from minicai.seeds import iteration_seed
 
 # reward_fn(prompts, responses) -> scores [B]: prompts are the user turns as text, responses the generated token ids
@@ -296,7 +296,7 @@ def rollout(
                    pad_id=pad_id, seed=seed, share_prefix=cfg.share_prefix)
     L = shared_prefix_length(prompt_ids) if cfg.share_prefix else 0
     prefix_ids = torch.tensor(prompt_ids[0][:L], dtype=torch.long, device=policy.device)
-    query_ids, query_mask = left_pad([p[L:] for p in prompt_ids], pad_id, policy.device)
+    query_ids, query_mask = pad_rows([p[L:] for p in prompt_ids], pad_id, "left", policy.device)
     P = query_ids.shape[1]
     ids = torch.cat([query_ids, gen.tokens], dim=1)  # [B, P+N], each row preceded by prefix_ids
     mask = torch.cat([query_mask, gen.mask], dim=1)

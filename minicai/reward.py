@@ -19,7 +19,6 @@ and reward_config.json: `RewardModel.from_pretrained(dir)` or `load_reward_model
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -31,9 +30,11 @@ import torch
 import torch.nn as nn
 
 from minicai import MinicaiError, distributed, precision
+from minicai.data import read_json
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 from minicai.run import check_finite
+from minicai.sampling import pad_rows
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -106,10 +107,7 @@ class RewardModel(nn.Module):
         if not head_file.is_file() or not config_file.is_file():
             raise MinicaiError(f"{path}: not a preference model directory (no {HEAD_FILE} / {CONFIG_FILE}). "
                                "Fix: pass the model/ folder written by train_pm.py (e.g. runs/pm/model).")
-        try:
-            cfg = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise MinicaiError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg}); re-run train_pm.py") from None
+        cfg = read_json(config_file, "re-run train_pm.py")
         trunk = Transformer.from_pretrained(path, dtype=dtype, device=device, fast=fast)
         rm = cls(trunk, offset=float(cfg.get("offset", 0.0)), scale=float(cfg.get("scale", 1.0)))
         state = load_file(str(head_file))
@@ -167,18 +165,6 @@ def conversation_ids(tok, prompt: str, response: str, max_len: int | None = None
     return ids[-max_len:] if max_len is not None and len(ids) > max_len else ids
 
 
-def pad_batch(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [B, T], mask [B, T]), padded on the right (default) or on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def score_conversations(rm: RewardModel, tok, prompts: list[str], responses: list[str], batch_size: int = 8,
                         max_len: int | None = None) -> torch.Tensor:
@@ -195,7 +181,7 @@ def score_conversations(rm: RewardModel, tok, prompts: list[str], responses: lis
         # the conversations' shared opening (chat template, system message) runs once per batch, not once per row
         n = shared_prefix_length([rows[i] for i in idx])
         prefix = rows[idx[0]][:n] if n else None
-        ids, mask = pad_batch([rows[i][n:] for i in idx], tok.pad_id)
+        ids, mask = pad_rows([rows[i][n:] for i in idx], tok.pad_id, "right")
         out[torch.tensor(idx)] = rm(ids.to(rm.device), mask.to(rm.device), prefix=prefix).float().cpu()
     rm.train(was_training)
     return out
@@ -206,7 +192,7 @@ def pair_scores(rm: RewardModel, tok, records: list[dict],
     """(r_a [B], r_b [B]) for comparison records {prompt, response_a, response_b}, in one forward pass of 2B rows."""
     rows = [conversation_ids(tok, r["prompt"], r["response_a"], max_len) for r in records]
     rows += [conversation_ids(tok, r["prompt"], r["response_b"], max_len) for r in records]
-    ids, mask = pad_batch(rows, tok.pad_id)
+    ids, mask = pad_rows(rows, tok.pad_id, "right")
     scores = rm(ids.to(rm.device), mask.to(rm.device))  # [2B]
     return scores[: len(records)], scores[len(records):]
 

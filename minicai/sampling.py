@@ -25,16 +25,23 @@ class Generation:
     finished: torch.Tensor  # [B] bool: True if the row ended on a stop id, False if it hit max_new_tokens
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [B, P], mask [B, P]), padded on the left so every prompt ends at the last column."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs a non-empty list of non-empty prompts")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
+def pad_rows(rows: list[list[int]], pad_id: int, side: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, T], mask [B, T]) long, T the longest row; mask 1 on real tokens.
+
+    side "left": every row ends at the last column (prompts, so decoding appends to all rows at once);
+    side "right": every row starts at column 0 (responses, training sequences, answer options).
+    The one padder of the project: positions and attention follow the mask, so padding never changes a row."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_rows: side must be 'left' or 'right', got {side!r}")
+    if not rows:
+        raise ValueError("pad_rows needs at least one row")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -101,9 +108,11 @@ def generate(
 
     share_prefix: the tokens every prompt starts with (chat template, system message, few-shot examples) go
     through the model once, not once per row (Transformer.encode_prefix); the rows are left-padded after it."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs a non-empty list of non-empty prompts")
     device = model.device
     L = shared_prefix_length(prompts) if share_prefix else 0
-    ids, mask = left_pad([p[L:] for p in prompts], pad_id, device)  # [B, P]: each prompt after the shared prefix
+    ids, mask = pad_rows([p[L:] for p in prompts], pad_id, "left", device)  # [B, P]: each prompt after the prefix
     B, P = ids.shape
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())

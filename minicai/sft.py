@@ -24,6 +24,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision
 from minicai.losses import sft_loss
 from minicai.run import check_finite
+from minicai.sampling import pad_rows
 
 
 @dataclass
@@ -124,15 +125,8 @@ def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, lis
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids [B, T], attention_mask [B, T], loss_mask [B, T] (0 on padding)."""
-    T = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), T), dtype=torch.long)
-    loss_mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids, dtype=torch.long)
-        attn[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(e.mask, dtype=torch.long)
+    ids, attn = pad_rows([e.ids for e in batch], pad_id, "right")
+    loss_mask, _ = pad_rows([e.mask for e in batch], 0, "right")
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
 
 

@@ -19,7 +19,6 @@ turn boundaries are the same; the assistant mask comes from the character offset
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from minicai import MinicaiError
+from minicai.data import read_json
 
 # Files that make up a tokenizer in a Hugging Face model directory; `save` copies those that exist.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -109,13 +109,8 @@ def detect_format(template: str, bos_token: str | None, where: str = "chat_templ
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg}). Fix: repair or re-copy the file.") from e
+    """One of the model directory's optional JSON object files ({} when it is absent)."""
+    data = read_json(path, "repair or re-copy the file") if path.is_file() else {}
     if not isinstance(data, dict):
         raise MinicaiError(f"{path}: expected a JSON object, got {type(data).__name__}. Fix: re-copy the file.")
     return data

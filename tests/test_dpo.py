@@ -384,6 +384,8 @@ def test_train_dpo_help(capsys):
     for flag in ("--data", "--beta", "--labels", "--label-smoothing", "--eval-pairs", "--save-every", "--seed",
                  "--dtype", "--force", "--grad-accum"):
         assert flag in text
+    # --model is the policy here (run.add_common_args' model_default / model_help), not the base model
+    assert "initial policy and frozen reference: the SL-CAI model" in text and T.parse_args([]).model == "runs/sl/model"
 
 
 def test_pipeline_starts_dpo_under_torchrun(tmp_path):

@@ -220,6 +220,11 @@ def test_debiased_probability_by_hand():
     ab = torch.log(torch.tensor([0.8, 0.2], dtype=torch.float64))  # P(A) = 0.8 with a shown first
     ba = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))  # P(A) = 0.3 with b shown first -> a gets 0.7
     assert float(debiased_probability(ab, ba)) == pytest.approx(0.75, abs=1e-12)
+    # clamp: each order's p(A) is clamped before the two are averaged (0.9 -> 0.6, 0.5 stays): (0.6 + 0.5) / 2,
+    # not the average clamped afterwards (0.7 -> 0.6)
+    ab = torch.log(torch.tensor([0.9, 0.1], dtype=torch.float64))
+    ba = torch.log(torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert float(debiased_probability(ab, ba, clamp=(0.4, 0.6))) == pytest.approx(0.55, abs=1e-12)
 
 
 def test_cot_probabilities_are_clamped(tok):
@@ -347,12 +352,38 @@ def test_hhh_chat_text_and_file_errors(tok, tmp_path):
         read_hhh(tmp_path / "missing.jsonl")
 
 
+def test_hhh_transcripts_are_read_with_the_questions(tmp_path):
+    """read_hhh(transcripts=True), the PM's HHH input: each record's text_correct / text_incorrect as conversations
+    ending in the assistant turn; a transcript missing or not ending on the assistant is an error at its line."""
+    path = write_hhh(tmp_path / "hhh.jsonl", HHH_ROWS[:2])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0].update(text_correct="\n\nHuman: hi\n\nAssistant: hello", text_incorrect="\n\nHuman: hi\n\nAssistant: go")
+    rows[1].update(text_correct="\n\nHuman: a\n\nAssistant: b", text_incorrect="\n\nHuman: a\n\nAssistant: c")
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_hhh(path, transcripts=True)
+    assert recs[0]["conversation_correct"] == [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]
+    assert recs[1]["conversation_incorrect"][-1] == {"role": "assistant", "content": "c"}
+    assert read_hhh(path) == [{k: r[k] for k in ("prompt", "correct", "incorrect")} for r in recs]
+    rows[1]["text_incorrect"] = "\n\nHuman: a\n\nAssistant: c\n\nHuman: and?"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MinicaiError, match=r"hhh\.jsonl:2: text_incorrect does not end with an Assistant turn"):
+        read_hhh(path, transcripts=True)
+    del rows[0]["text_correct"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MinicaiError, match=r"hhh\.jsonl:1: no 'text_correct'"):
+        read_hhh(path, transcripts=True)
+    assert len(read_hhh(path, limit=1)) == 1  # the questions alone need no transcripts
+
+
 def test_hhh_real_file_reads():
     if not HHH_FILE.exists():
         pytest.skip(f"{HHH_FILE} absent (the paper's files live in ../shared)")
     recs = read_hhh(HHH_FILE)
     assert len(recs) == 438 and sum(r["correct"] == " (A)" for r in recs) == 228
     assert len(read_hhh(HHH_FILE, limit=5)) == 5
+    pm = read_hhh(HHH_FILE, transcripts=True)
+    assert len(pm) == 438 and all(r["conversation_correct"][-1]["role"] == "assistant" for r in pm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

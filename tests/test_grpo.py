@@ -356,3 +356,5 @@ def test_train_rl_group_flags_in_help(capsys):
     for flag in ("--advantage", "--group-size", "--group-scale", "--kl-in", "--loss-agg", "--micro-batch-size"):
         assert flag in text
     assert "length bias" in text and "Liu et al. 2025" in text
+    assert "initial policy and frozen reference: the SL-CAI model (HF layout); 'default' for the base model " \
+           "(default: runs/sl/model)" in text and train_rl.parse_args([]).model == "runs/sl/model"

@@ -52,6 +52,24 @@ def test_every_preset_parses_in_every_stage_script(preset, tmp_path):
     assert parsed.out == str(tmp_path / "report")
 
 
+@pytest.mark.parametrize("stage", ["sl", "pm", "rl", "dpo"])
+def test_each_scripts_gpu_suggestion_is_the_gpu_preset(stage, capsys):
+    """minicai/presets.py is the one source of suggested settings: a script's --help shows the gpu preset's command
+    for its stage, every flag and value in order (so they cannot disagree), and no measured run time."""
+    import re
+    import shlex
+
+    from minicai.presets import PRESETS
+
+    script = pipeline.SCRIPTS[stage]
+    with pytest.raises(SystemExit):
+        load_script(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    command = re.search(rf"^  python {script} .*?(?<!\\)$", text, re.M | re.S).group(0)
+    assert shlex.split(command.replace("\\\n", " ")) == ["python", script, "--device", "cuda", *PRESETS["gpu"][stage]]
+    assert not re.search(r"\bminutes?\b|\bhours?\b", text)
+
+
 def test_stage_wiring(tmp_path):
     args = pipeline.parse_args(["--out", str(tmp_path), "--seed", "3", "--device", "cpu", "--dry-run",
                                 "--rl-args", "--iterations 7"])

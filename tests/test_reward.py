@@ -15,10 +15,10 @@ from minicai.reward import (
     evaluate_preference_model,
     load_reward_model,
     normalize_scores,
-    pad_batch,
     score_conversations,
     train_preference_model,
 )
+from minicai.sampling import pad_rows
 from minicai.tokenizer import ChatTokenizer
 
 
@@ -37,11 +37,11 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(tok):
     rows = [torch.randint(3, tok.vocab_size, (n,), generator=gen).tolist() for n in (4, 11, 7)]
     with torch.no_grad():
         alone = torch.stack([rm(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0] for r in rows])
-        right = rm(*pad_batch(rows, pad_id=0))
-        left = rm(*pad_batch(rows, pad_id=0, left=True))
-        other_pad = rm(*pad_batch(rows, pad_id=5))
+        right = rm(*pad_rows(rows, 0, "right"))
+        left = rm(*pad_rows(rows, 0, "left"))
+        other_pad = rm(*pad_rows(rows, 5, "right"))
         # the score is the head at the last real position: values() there, and not at any other position
-        values = rm.values(*pad_batch(rows, pad_id=0))
+        values = rm.values(*pad_rows(rows, 0, "right"))
     assert torch.allclose(right, alone, atol=1e-5) and torch.allclose(left, alone, atol=1e-5)
     assert torch.allclose(other_pad, alone, atol=1e-5)
     for i, r in enumerate(rows):
@@ -52,7 +52,7 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(tok):
 
 def test_zero_head_scores_zero_and_offset_is_subtracted(tok):
     rm = tiny_rm(tok, head_init="zero")
-    ids, mask = pad_batch([[5, 6, 7], [8, 9]], pad_id=0)
+    ids, mask = pad_rows([[5, 6, 7], [8, 9]], 0, "right")
     assert torch.equal(rm(ids, mask), torch.zeros(2))
     rm.offset = 0.25
     assert torch.allclose(rm(ids, mask), torch.full((2,), -0.25))

@@ -7,7 +7,7 @@ import torch
 from minicai.fast import make_fast
 from minicai.model import Transformer, random_model, tiny_config
 from minicai.model import shared_prefix_length
-from minicai.sampling import filter_logits, generate, left_pad, response_ids, sample_categorical
+from minicai.sampling import filter_logits, generate, pad_rows, response_ids, sample_categorical
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,9 +134,21 @@ def test_top_k_and_top_p_cut_the_distribution():
     assert torch.isfinite(filter_logits(logits, 1.0, top_p=0.1)[0]).tolist() == [True, False, False, False]
 
 
-def test_left_pad_rejects_empty_prompts():
-    with pytest.raises(ValueError):
-        left_pad([[1, 2], []], pad_id=0)
+def test_pad_rows_by_hand():
+    """The one padder: left puts every row's end in the last column, right every row's start in column 0."""
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[5, 6, 7], [8], []], pad_id=9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9], [9, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    for bad in ({"rows": [[1]], "side": "middle"}, {"rows": [], "side": "left"}):
+        with pytest.raises(ValueError):
+            pad_rows(pad_id=0, **bad)
+
+
+def test_generate_rejects_empty_prompts():
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(peaky_model(), [[1, 2], []], max_new_tokens=2, temperature=0, pad_id=0)
 
 
 @pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])

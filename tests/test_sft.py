@@ -10,7 +10,7 @@ import torch
 from minicai import MinicaiError
 from minicai.losses import sft_loss
 from minicai.model import Transformer, random_model
-from minicai.run import save_model
+from minicai.run import remove_outputs, save_model
 from minicai.sft import (Example, SFTConfig, build_examples, collate, encode_example, evaluate_loss, helpful_pairs,
                          lr_at, revision_pairs, split_heldout, train_sft)
 from minicai.tokenizer import ChatTokenizer
@@ -181,6 +181,16 @@ def load_train_sl():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_remove_outputs_deletes_the_named_files_and_folders_only(tmp_path):
+    """--force's cleanup (train_sl.py, train_pm.py, train_dpo.py): the named outputs, folders whole; others stay."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_text("w")
+    for name in ("metrics.jsonl", "revisions.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    remove_outputs(tmp_path, ["model", "metrics.jsonl", "absent.json"])
+    assert [p.name for p in tmp_path.iterdir()] == ["revisions.jsonl"]
 
 
 def test_train_sl_stage_end_to_end(tiny_model_dir, tmp_path):
