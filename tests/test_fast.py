@@ -201,6 +201,34 @@ def test_packed_decoding_weights_give_the_reference_outputs(tmp_path, case, dtyp
     assert ((stepped - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
 
 
+@pytest.mark.skipif(not fast.PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
+@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
+def test_packed_decoding_under_bf16_autocast_packs_bf16_copies_once(tmp_path, case):
+    """Mixed precision (float32 weights, bf16 autocast; precision.py): decoding packs the weights cast to bf16 once,
+    instead of autocast casting every weight at every product of every step, and gives the logits of autocast's own
+    products (bf16 operands, bf16 results) to bf16 rounding; the float32 weights are left as they are."""
+    path = make_hf_model(tmp_path, case)
+    ref = Transformer.from_pretrained(path)
+    model = Transformer.from_pretrained(path, fast=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ref(ids, mask).float()
+        with model.decoding(batch=ids.shape[0]):
+            packs = [model.packed_head, *model.model["layers"][0].self_attn.packed["qkv"],
+                     model.model["layers"][0].mlp.packed["down"]]
+            assert all(t is None or t.dtype == torch.bfloat16 for t in packs) and packs[0] is not None
+            cache = model.new_cache(ids.shape[0], ids.shape[1])
+            steps = [model.logits(model.hidden_states(ids[:, :8], mask[:, :8], cache=cache))]
+            for t in range(8, ids.shape[1]):
+                steps.append(model.logits(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)))
+    stepped = torch.cat(steps, dim=1)
+    assert stepped.dtype == torch.bfloat16  # what autocast's products return
+    real = mask[..., None].bool()
+    assert ((stepped.float() - plain).abs() * real).max().item() <= 0.05 * plain.abs().max().item()
+    assert model.packed_head is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear kernel")
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear_values_and_gradients(bias):
