@@ -81,12 +81,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="the last one is reported")
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from minicai.fast import keep_freed_memory
-    from minicai.weights import resolve_model
+    from common import peak_rss_gib, start
 
-    keep_freed_memory()
-    model_dir = resolve_model(args.model)
+    model_dir = start(args)
     if args.algo == "ppo":
         from bench_ppo import BATCH, setup_minicai
 
@@ -110,7 +107,7 @@ def main() -> None:
           f"| phase | wall s | cpu s | cpu share |\n|---|---|---|---|")
     for key, (wall, cpu) in TIMES.items():
         print(f"| {'. ' * key.count('/')}{key.split('/')[-1]} | {wall:.2f} | {cpu:.2f} | {cpu / total[1]:.1%} |")
-    print(f"| iteration | {total[0]:.2f} | {total[1]:.2f} | 100% |")
+    print(f"| iteration | {total[0]:.2f} | {total[1]:.2f} | 100% |\n\npeak RSS {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":
