@@ -268,6 +268,15 @@ class FastTransformer(Transformer):
         x = self.model["norm"](x)
         return x if flat is None else flat.scatter(x)  # [B, T, D]
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """model.Transformer.new_cache, but under bf16 autocast the keys and values are stored in bf16. Autocast's
+        attention products read them in bf16 anyway, so rounding each once when it is written gives the same
+        numbers as rounding the whole cache at every decoding step, which an float32 cache costs (the same tokens
+        and log-probs, tests/test_fast.py)."""
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        dtype = amp if amp == torch.bfloat16 and self.device.type == "cpu" else self.dtype
+        return KVCache(self.config, batch, max_len, dtype, self.device)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]."""
         return packed_linear(hidden, self.packed_head) if self.packed_head is not None else linear(self.lm_head, hidden)

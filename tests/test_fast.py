@@ -229,6 +229,24 @@ def test_packed_decoding_under_bf16_autocast_packs_bf16_copies_once(tmp_path, ca
     assert model.packed_head is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_kv_cache_under_bf16_autocast_is_bf16_and_changes_no_number(monkeypatch):
+    """Under bf16 autocast the fast model's KV cache holds bf16 keys and values (autocast's attention products
+    read them in bf16 anyway): generation gives exactly the tokens and log-probs of a float32 cache."""
+    from minicai.sampling import generate
+
+    model = fast.make_fast(random_model(tiny_config(), seed=5)).requires_grad_(True)
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 20], [5, 6, 7, 30, 31, 32]]
+    runs = []
+    for low in (True, False):
+        if not low:  # the float32 cache of model.py
+            monkeypatch.setattr(fast.FastTransformer, "new_cache", Transformer.new_cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.new_cache(2, 4).k[0].dtype == (torch.bfloat16 if low else torch.float32)
+            runs.append(generate(model, prompts, 12, temperature=1.0, pad_id=0, seed=3))
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logprobs, runs[1].logprobs)
+    assert model.new_cache(2, 4).k[0].dtype == torch.float32  # without autocast: the model's dtype
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear kernel")
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear_values_and_gradients(bias):
