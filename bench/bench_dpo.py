@@ -29,14 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import peak_rss_gib, print_result, print_table, run_side  # noqa: E402
+from common import QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table, run_side, start  # noqa: E402
 
 BETA, LR = 0.1, 5e-6
 
 
 def make_pairs(model_dir: Path, pairs: int, new_tokens: int) -> list[dict]:
     """{prompt, chosen, rejected} text: two temperature-1 samples of the model per question."""
-    from bench_ppo import QUESTIONS
     from minicai.model import Transformer
     from minicai.sampling import generate, response_ids
     from minicai.tokenizer import ChatTokenizer
@@ -44,7 +43,7 @@ def make_pairs(model_dir: Path, pairs: int, new_tokens: int) -> list[dict]:
     if pairs > len(QUESTIONS):
         sys.exit(f"--pairs {pairs}: at most {len(QUESTIONS)}")
     tok = ChatTokenizer.from_dir(model_dir)
-    model = Transformer.from_pretrained(model_dir).eval()
+    model = Transformer.from_pretrained(model_dir, fast=True).eval()
     questions = QUESTIONS[:pairs]
     ids = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
     gen = generate(model, [x for x in ids for _ in range(2)], new_tokens, temperature=1.0, stop_ids=(),
@@ -63,7 +62,7 @@ def run_minicai(model_dir: Path, data: list[dict], steps: int) -> dict:
     from train_dpo import DPOConfig, collate_pairs, dpo_step, encode_pairs, make_optimizer, precision
 
     tok = ChatTokenizer.from_dir(model_dir)
-    policy = Transformer.from_pretrained(model_dir)
+    policy = Transformer.from_pretrained(model_dir, fast=True)  # as train_dpo.py loads it on the CPU (fast.py)
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
     cfg = DPOConfig(beta=BETA, lr=LR, batch_size=len(data), max_len=1024, warmup=0, schedule="constant", clip=1.0)
     records = [{"id": i, "prompt": d["prompt"], "response_a": d["chosen"], "response_b": d["rejected"],
@@ -133,10 +132,8 @@ def summarise(result: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF-layout model dir (default: the default model)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=4, help="DPO steps per side; the first is a warm-up")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step (2 rows each; at most 16)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per response")
     parser.add_argument("--side", choices=["minicai", "trl"], help=argparse.SUPPRESS)  # internal: one subprocess
@@ -144,10 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
-    from minicai.weights import resolve_model
-
-    model_dir = resolve_model(args.model)
+    model_dir = start(args)
     if args.side:
         data = json.loads(Path(args.data).read_text())
         result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, data, args.steps)

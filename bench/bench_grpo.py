@@ -26,47 +26,54 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import peak_rss_gib, print_result, print_table, run_side, summarise_iterations  # noqa: E402
+from common import (QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table, run_side,  # noqa: E402
+                    start, summarise_iterations)
 
-QUESTIONS = [
-    "How do I bake a loaf of bread?", "What's the best way to get back at my noisy neighbour?",
-    "Explain photosynthesis simply.", "How can I get into my ex's email account?", "Write a short poem about rain.",
-    "What household chemicals should never be mixed?", "Give me tips for a first marathon.",
-    "How do I shoplift without getting caught?", "What is the capital of Canada?", "How do vaccines work?",
-    "Tell me a joke about cats.", "How can I make a fake ID?", "Suggest a weekend trip near the mountains.",
-    "Why do people believe conspiracy theories?", "How do I fix a leaking tap?", "How do I pick a lock?",
-]
 STEPS, BETA, LR = 2, 0.04, 3e-5  # optimiser steps per iteration, KL coefficient, learning rate
 
 
-def run_minicai(model_dir: Path, args) -> dict:
+def setup_minicai(model_dir: Path, args, dtype: str = "fp32"):
+    """minicai's side, ready to run: (PPOState, the PM, run) where run(i) is iteration i -> (Rollout, stats).
+    bf16: fp32 weights for policy and reference, bf16 autocast, the PM stored in bf16 (as train_rl.py)."""
     import functools
 
+    from minicai import precision
     from minicai.model import Transformer
     from minicai.grpo import group_iteration
     from minicai.ppo import PPOConfig, init_state, score_with_pm
     from minicai.reward import RewardModel
+    from minicai.run import DTYPES
     from minicai.tokenizer import ChatTokenizer
 
+    run_dtype = DTYPES[dtype]
     batch = args.prompts * args.group_size
     tok = ChatTokenizer.from_dir(model_dir)
-    policy = Transformer.from_pretrained(model_dir)
-    ref = Transformer.from_pretrained(model_dir)
-    pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir), head_init="normal", seed=0).eval()
+    policy = Transformer.from_pretrained(model_dir, fast=True)  # as train_rl.py loads it on the CPU (fast.py)
+    ref = Transformer.from_pretrained(model_dir, fast=True)
+    pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir, fast=True), head_init="normal", seed=0).eval()
     pm.requires_grad_(False)
+    pm.trunk.to(run_dtype)
     cfg = PPOConfig(batch_size=batch, max_new_tokens=args.new_tokens, temperature=1.0, ppo_epochs=1,
                     minibatch_size=batch // STEPS, forward_batch_size=batch, policy_lr=LR, kl_coef=BETA,
                     kl_target=None, advantage="grpo", group_size=args.group_size, kl_in="loss",
                     loss_agg="token-mean")
-    state = init_state(policy, ref, None, cfg)
+    state = init_state(policy, ref, None, cfg, amp_dtype=precision.amp_dtype(run_dtype))
     reward_fn = functools.partial(score_with_pm, pm, tok, tok, batch_size=batch)
-    rows = []
-    for i in range(args.iterations):
+
+    def run(i: int):
         questions = [QUESTIONS[(i * args.prompts + j) % len(QUESTIONS)] for j in range(args.prompts)]
         prompt_ids = [tok.render([{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
+        return group_iteration(state, prompt_ids, questions, reward_fn, cfg, stop_ids=(), pad_id=tok.pad_id, seed=i)
+
+    return state, pm, run
+
+
+def run_minicai(model_dir: Path, args) -> dict:
+    _, _, run = setup_minicai(model_dir, args, args.dtype)
+    rows = []
+    for i in range(args.iterations):
         start = time.perf_counter()
-        ro, stats = group_iteration(state, prompt_ids, questions, reward_fn, cfg, stop_ids=(), pad_id=tok.pad_id,
-                                    seed=i)
+        ro, stats = run(i)
         assert ro.response_mask.sum(1).eq(args.new_tokens).all(), "every response must have exactly --new-tokens"
         rows.append({"total_s": time.perf_counter() - start, "rollout_s": stats["rollout_s"],
                      "update_s": stats["update_s"]})
@@ -100,9 +107,9 @@ def run_trl(model_dir: Path, args) -> dict:
         steps_per_generation=STEPS, num_generations=args.group_size, num_iterations=1,
         max_completion_length=args.new_tokens, generation_kwargs={"min_new_tokens": args.new_tokens},
         temperature=1.0, beta=BETA, loss_type="dapo", scale_rewards="group", learning_rate=LR,
-        max_steps=STEPS * args.iterations, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
-        logging_steps=1000, seed=0, gradient_checkpointing=False, dataloader_num_workers=0, shuffle_dataset=False,
-        log_completions=False,
+        max_steps=STEPS * args.iterations, use_cpu=True, bf16=args.dtype == "bf16", fp16=False, report_to=[],
+        save_strategy="no", logging_steps=1000, seed=0, gradient_checkpointing=False, dataloader_num_workers=0,
+        shuffle_dataset=False, log_completions=False,
     )
     marks: dict[str, float] = {}
     rows: list[dict] = []
@@ -143,23 +150,20 @@ def run_trl(model_dir: Path, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF-layout model dir (default: the default model)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--iterations", type=int, default=3, help="per side; the first is a warm-up")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
     parser.add_argument("--group-size", type=int, default=4, help="responses per prompt (G)")
     parser.add_argument("--new-tokens", type=int, default=64, help="exact response length")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 mixed precision on both sides (fp32 weights, bf16 autocast)")
     parser.add_argument("--side", choices=["minicai", "trl"], help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()
     if (args.prompts * args.group_size) % STEPS:
         sys.exit(f"error: --prompts x --group-size must be divisible by {STEPS} (optimiser steps per iteration)")
     import torch
 
-    torch.set_num_threads(args.threads)
-    from minicai.weights import resolve_model
-
-    model_dir = resolve_model(args.model)
+    model_dir = start(args)
     if args.side:
         result = (run_minicai if args.side == "minicai" else run_trl)(model_dir, args)
         print_result(result)
@@ -168,14 +172,14 @@ def main() -> None:
     for side in ("minicai", "trl"):
         cmd = [sys.executable, __file__, "--side", side, "--iterations", str(args.iterations),
                "--threads", str(args.threads), "--model", str(model_dir), "--prompts", str(args.prompts),
-               "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens)]
+               "--group-size", str(args.group_size), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype]
         results[side] = summarise_iterations(
             run_side(side, cmd, {"TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}))
         print(f"{side}: {results[side]}", flush=True)
     a, b = results["minicai"], results["trl"]
-    print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; fp32; {args.prompts} prompts x "
-          f"{args.group_size} responses, {args.new_tokens} new tokens, 1 epoch of {STEPS} steps, k3 KL in the loss "
-          f"(beta {BETA}), token-mean\n")
+    print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; {args.prompts} "
+          f"prompts x {args.group_size} responses, {args.new_tokens} new tokens, 1 epoch of {STEPS} steps, k3 KL in "
+          f"the loss (beta {BETA}), token-mean\n")
     print_table(a, b, (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
                        ("peak_rss_gib", "peak RSS (GiB)")))
 

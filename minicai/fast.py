@@ -68,8 +68,9 @@ def pack_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + b with a weight from pack_weight (no autograd). Equals F.linear to floating-point rounding."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """x @ W^T + b with a weight from pack_weight (no autograd). Equals F.linear to floating-point rounding. x is
+    taken in the packed weight's dtype, as autocast takes a float32 input to a bf16 product (a no-op otherwise)."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -267,6 +268,15 @@ class FastTransformer(Transformer):
         x = self.model["norm"](x)
         return x if flat is None else flat.scatter(x)  # [B, T, D]
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """model.Transformer.new_cache, but under bf16 autocast the keys and values are stored in bf16. Autocast's
+        attention products read them in bf16 anyway, so rounding each once when it is written gives the same
+        numbers as rounding the whole cache at every decoding step, which an float32 cache costs (the same tokens
+        and log-probs, tests/test_fast.py)."""
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        dtype = amp if amp == torch.bfloat16 and self.device.type == "cpu" else self.dtype
+        return KVCache(self.config, batch, max_len, dtype, self.device)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head: final hidden states [..., D] -> logits [..., V]."""
         return packed_linear(hidden, self.packed_head) if self.packed_head is not None else linear(self.lm_head, hidden)
@@ -279,23 +289,29 @@ class FastTransformer(Transformer):
         streams weights faster than torch's default CPU product at batch 1 to 16, more with q/k/v and gate/up
         fused into one product each (bench/bench_generate.py). The copies are frozen snapshots, so this is for
         no-grad use while the weights do not change (sampling.generate); they are freed on exit. Costs one extra
-        copy of the weights while active."""
-        use = PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-        if not use or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):  # autocast: plain products
+        copy of the weights while active. Under bf16 autocast (float32 weights, precision.py) the copies are the
+        weights cast to bf16 once, what autocast would otherwise cast (and oneDNN reorder) at every product of
+        every decoding step; the products then compute what autocast's do (bf16 operands, bf16 result)."""
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        use = (PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+               and amp in (None, torch.bfloat16))
+        if not use or torch.is_grad_enabled():
             yield self
             return
-        cat = lambda *ws: torch.cat([w.detach() for w in ws])  # noqa: E731
+        dtype = amp or self.dtype  # the dtype the products run in
+        cast = lambda w: w.detach().to(dtype)  # noqa: E731  (the weight itself when it has that dtype)
+        cat = lambda *ws: torch.cat([cast(w) for w in ws])  # noqa: E731
         try:
             for block in self.model["layers"]:
                 a, m = block.self_attn, block.mlp
                 qkv_bias = cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias) if a.q_proj.bias is not None else None
                 a.packed = {"qkv": (pack_weight(cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight), batch),
                                     qkv_bias),
-                            "o": (pack_weight(a.o_proj.weight, batch),
-                                  None if a.o_proj.bias is None else a.o_proj.bias.detach())}
+                            "o": (pack_weight(cast(a.o_proj.weight), batch),
+                                  None if a.o_proj.bias is None else cast(a.o_proj.bias))}
                 m.packed = {"gate_up": pack_weight(cat(m.gate_proj.weight, m.up_proj.weight), batch),
-                            "down": pack_weight(m.down_proj.weight, batch)}
-            self.packed_head = pack_weight(self.lm_head.weight, batch)
+                            "down": pack_weight(cast(m.down_proj.weight), batch)}
+            self.packed_head = pack_weight(cast(self.lm_head.weight), batch)
             yield self
         finally:
             for block in self.model["layers"]:

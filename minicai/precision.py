@@ -40,7 +40,8 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None):
     fp16, else nothing. `dtype` is the run's dtype (or amp_dtype's result)."""
     if dtype not in LOW:
         return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)  # fast.py's oneDNN paths step aside under it
+    # fast.py under it: OneDNNLinear steps aside (autocast's products), decoding packs the weights cast to bf16 once
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def grad_scaler(device: torch.device | str, dtype: torch.dtype | None) -> torch.amp.GradScaler:

@@ -197,6 +197,52 @@ def test_packed_decoding_weights_give_the_reference_outputs(tmp_path, case, dtyp
     assert ((stepped - plain).abs() * real).max().item() <= tol * plain.abs().max().item()
 
 
+@pytest.mark.skipif(not fast.PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
+@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
+def test_packed_decoding_under_bf16_autocast_packs_bf16_copies_once(tmp_path, case):
+    """Mixed precision (float32 weights, bf16 autocast; precision.py): decoding packs the weights cast to bf16 once,
+    instead of autocast casting every weight at every product of every step, and gives the logits of autocast's own
+    products (bf16 operands, bf16 results) to bf16 rounding; the float32 weights are left as they are."""
+    path = make_hf_model(tmp_path, case)
+    ref = Transformer.from_pretrained(path)
+    model = Transformer.from_pretrained(path, fast=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = ref(ids, mask).float()
+        with model.decoding(batch=ids.shape[0]):
+            packs = [model.packed_head, *model.model["layers"][0].self_attn.packed["qkv"],
+                     model.model["layers"][0].mlp.packed["down"]]
+            assert all(t is None or t.dtype == torch.bfloat16 for t in packs) and packs[0] is not None
+            cache = model.new_cache(ids.shape[0], ids.shape[1])
+            steps = [model.logits(model.hidden_states(ids[:, :8], mask[:, :8], cache=cache))]
+            for t in range(8, ids.shape[1]):
+                steps.append(model.logits(model.hidden_states(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)))
+    stepped = torch.cat(steps, dim=1)
+    assert stepped.dtype == torch.bfloat16  # what autocast's products return
+    real = mask[..., None].bool()
+    assert ((stepped.float() - plain).abs() * real).max().item() <= 0.05 * plain.abs().max().item()
+    assert model.packed_head is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_kv_cache_under_bf16_autocast_is_bf16_and_changes_no_number(monkeypatch):
+    """Under bf16 autocast the fast model's KV cache holds bf16 keys and values (autocast's attention products
+    read them in bf16 anyway): generation gives exactly the tokens and log-probs of a float32 cache."""
+    from minicai.sampling import generate
+
+    model = fast.make_fast(random_model(tiny_config(), seed=5)).requires_grad_(True)
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 20], [5, 6, 7, 30, 31, 32]]
+    runs = []
+    for low in (True, False):
+        if not low:  # the float32 cache of model.py
+            monkeypatch.setattr(fast.FastTransformer, "new_cache", Transformer.new_cache)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.new_cache(2, 4).k[0].dtype == (torch.bfloat16 if low else torch.float32)
+            runs.append(generate(model, prompts, 12, temperature=1.0, pad_id=0, seed=3))
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logprobs, runs[1].logprobs)
+    assert model.new_cache(2, 4).k[0].dtype == torch.float32  # without autocast: the model's dtype
+
+
 @pytest.mark.skipif(not fast.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear kernel")
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear_values_and_gradients(bias):

@@ -188,6 +188,31 @@ def test_entropy_at_temperature_half_by_hand():
         L.entropy_from_logits(logits, mask, temperature=0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_in_pieces_equals_the_one_piece_formula_bit_for_bit(monkeypatch, dtype):
+    """token_entropy works on a few positions at a time (ENTROPY_CHUNK elements); the values and gradients are
+    those of the whole [B, T, V] formula, bit for bit, including -inf logits and a last piece that is shorter."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 7, 1000, generator=g) * 4).to(dtype)
+    logits[1, 2, :300] = float("-inf")
+    mask = (torch.rand(5, 7, generator=g) < 0.8).long()
+    monkeypatch.setattr(L, "ENTROPY_CHUNK", 3 * 1000)  # pieces of 3 positions: 12 pieces, the last of 2
+    results = []
+    for whole in (False, True):
+        x = logits.clone().requires_grad_(True)
+        if whole:  # the definition, over the whole tensor at once
+            logp = torch.log_softmax(x.float() / 0.7, dim=-1)
+            ent = -(logp.exp() * logp.masked_fill(~torch.isfinite(logp), 0.0)).sum(-1)
+            value = L.masked_mean(ent, mask)
+        else:
+            value = L.entropy_from_logits(x, mask, temperature=0.7)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    (ours, ours_grad), (want, want_grad) = results
+    assert ours.dtype == torch.float32 and torch.equal(ours, want) and torch.equal(ours_grad, want_grad)
+    assert L.token_entropy(logits[:1, :1]).shape == (1, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # preference model
 
