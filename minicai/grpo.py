@@ -33,7 +33,6 @@ from minicai.losses import (
     masked_mean,
     per_token_rewards,
     ppo_policy_loss,
-    temper,
 )
 from minicai.ppo import (
     STREAM_MINIBATCH,
@@ -179,7 +178,7 @@ def grpo_step(policy, policy_opt, ro: Rollout, cfg: PPOConfig, seed: int = 0, am
                     ratio_first_maxdev = float(torch.where(m.bool(), dev, 0.0).max())
                 _, token_means = ppo_policy_loss(logp, ro.logprobs[rows], ro.advantages[rows], m, cfg.clip_ratio)
                 token_means["ref_kl_k3"] = masked_mean(kl_penalty(logp, ro.ref_logprobs[rows], "k3"), m)
-                token_means["entropy"] = entropy_from_logits(temper(logits.float(), cfg.temperature), m)
+                token_means["entropy"] = entropy_from_logits(logits, m, cfg.temperature)
             del logits
             share = float(m.sum()) / n_tokens  # this micro-batch's part of a token mean over the minibatch
             shares = [(k, float(v) * share) for k, v in token_means.items()]

@@ -55,7 +55,6 @@ from minicai.losses import (
     per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    temper,
     token_logprobs,
 )
 from minicai.model import shared_prefix_length
@@ -466,7 +465,7 @@ def ppo_step(policy, value_model, policy_opt, value_opt, ro: Rollout, cfg: PPOCo
         policy_scaler.scale(pg_loss * share).backward()
         pg_norm = optimizer_step(policy_opt, policy_params, policy_scaler, cfg.max_grad_norm, "ppo", steps, pg_loss)
         with torch.no_grad():
-            entropy = entropy_from_logits(temper(logits.detach().float(), cfg.temperature), m)
+            entropy = entropy_from_logits(logits.detach(), m, cfg.temperature)
         del logits
         # value model: clipped regression onto the GAE returns
         with precision.autocast(ids.device, amp_dtype):
