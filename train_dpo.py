@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minicai import MinicaiError, run
-from minicai.data import iter_jsonl, read_jsonl, write_jsonl
+from minicai.data import atomic_write_json, iter_jsonl, publish_dir, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
 from minicai.ppo import clip_grad_norm, policy_logprobs
@@ -378,7 +378,7 @@ def save_checkpoint(directory: Path, policy, tok, opt, step: int) -> Path:
         run.save_model(policy, tok, tmp / "policy")
         torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "trainer_state.pt")
 
-    final = run.publish_dir(directory / f"step_{step:06d}", write)
+    final = publish_dir(directory / f"step_{step:06d}", write)
     for old in directory.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -489,12 +489,12 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
 
 
 def save_final(policy, tok, model_dir: Path, done: dict) -> None:
-    """model/ in HF layout with done.json, complete or absent (run.publish_dir)."""
+    """model/ in HF layout with done.json, complete or absent (data.publish_dir)."""
     def write(tmp: Path) -> None:
         run.save_model(policy, tok, tmp)
-        run.atomic_write_json(tmp / "done.json", done)
+        atomic_write_json(tmp / "done.json", done)
 
-    run.publish_dir(model_dir, write)
+    publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:
@@ -538,7 +538,7 @@ def main(argv=None) -> None:
     summary.update(data=str(args.data), policy=str(policy_dir), dropped=dropped + dropped_eval,
                    config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1))
     save_final(policy, tok, out / "model", summary)
-    run.atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     cost = run.write_cost(out, time.perf_counter() - t0, device, resumed=run_had_checkpoint)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ is complete: nothing left to resume
     after = summary["held_out"]["after"]

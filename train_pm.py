@@ -37,7 +37,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import append_jsonl, read_jsonl, read_prompts
+from minicai.data import append_jsonl, atomic_write_json, publish_dir, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
                             train_preference_model)
@@ -350,13 +350,13 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
 
 
 def save_pm(rm: RewardModel, tok, model_dir: Path, done: dict) -> None:
-    """model/ with the PM, its tokenizer and done.json, complete or absent (run.publish_dir)."""
+    """model/ with the PM, its tokenizer and done.json, complete or absent (data.publish_dir)."""
     def write(tmp: Path) -> None:
         rm.save_pretrained(tmp)
         tok.save(tmp)
-        run.atomic_write_json(tmp / "done.json", done)
+        atomic_write_json(tmp / "done.json", done)
 
-    run.publish_dir(model_dir, write)
+    publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:
@@ -411,7 +411,7 @@ def main(argv=None) -> None:
         timings["train"] = round(time.perf_counter() - t0 - timings["pairs"] - timings["labels"], 1)
     summary["seconds"] = {**summary.get("seconds", {}), **timings}
     if distributed.is_main():
-        run.atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "summary.json", summary)
     print(f"summary -> {out / 'summary.json'} ({time.perf_counter() - t0:.0f}s)")
 
 

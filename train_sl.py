@@ -26,7 +26,7 @@ from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
-from minicai.data import read_jsonl, read_prompts
+from minicai.data import atomic_write_json, publish_dir, read_jsonl, read_prompts
 from minicai.sft import SFTConfig, build_examples, helpful_pairs, revision_pairs, split_heldout, train_sft
 
 DEFAULTS = CritiqueSettings()  # the CPU-sized generation defaults
@@ -220,9 +220,9 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
         return
     def write(tmp: Path) -> None:
         run.save_model(model, tok, tmp)
-        run.atomic_write_json(tmp / "done.json", summary)
+        atomic_write_json(tmp / "done.json", summary)
 
-    run.publish_dir(model_dir, write)  # model/ is complete (with done.json) or absent
+    publish_dir(model_dir, write)  # model/ is complete (with done.json) or absent
     distributed.barrier()
     print(f"train: {summary['steps']} steps, last loss {summary['last_loss']:.4f}, held-out losses "
           f"{[round(x, 4) for x in summary['heldout_losses']]} -> {model_dir}")

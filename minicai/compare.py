@@ -50,12 +50,13 @@ import torch
 from tqdm import tqdm
 
 from minicai import MinicaiError
-from minicai.data import DEFAULT_PROMPTS, append_jsonl, parse_hh_transcript, read_jsonl, read_prompts
+from minicai.data import DEFAULT_PROMPTS, append_jsonl, atomic_write_json, parse_hh_transcript, read_jsonl, \
+    read_prompts
 from minicai.feedback import DEFAULT_HHH_FILE, FeedbackConfig, debiased_probability, hhh_evaluate, iter_hhh, \
     label_pairs, read_hhh
 from minicai.report import print_summary, resolve_shown, shown_path, write_report
 from minicai.reward import load_reward_model, pad_batch, score_conversations
-from minicai.run import add_common_args, atomic_write_json, load_model_and_tokenizer, setup
+from minicai.run import add_common_args, load_model_and_tokenizer, setup
 from minicai.sampling import generate, response_ids
 from minicai.stats import evasive_reason, evasiveness, kl_to_reference, mean_ci, summarise_judgments, \
     toxicity_summary, wilson_interval

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from minicai import MinicaiError, distributed, precision
+from minicai.data import atomic_write, atomic_write_json
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 from minicai.run import check_finite
@@ -127,11 +126,7 @@ class RewardModel(nn.Module):
         path = Path(path)
         self.trunk.save_pretrained(path)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{HEAD_FILE}.")
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
-        os.close(fd)
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path / HEAD_FILE)
+        atomic_write(path / HEAD_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         cfg = {
             "offset": self.offset,
             "scale": self.scale,
@@ -140,8 +135,6 @@ class RewardModel(nn.Module):
             "offset_note": "score = (head - offset) / scale, already applied by RewardModel.forward/values; do not "
                            "apply it again",
         }
-        from minicai.run import atomic_write_json
-
         atomic_write_json(path / CONFIG_FILE, cfg)
 
 

@@ -13,9 +13,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from minicai import MinicaiError
-from minicai.data import append_jsonl, atomic_write_text
+from minicai.data import append_jsonl, atomic_write_json, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 
@@ -283,32 +281,6 @@ def undo_start_run() -> None:
             out.rmdir()
     except OSError:
         pass
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def publish_dir(final: Path, write) -> Path:
-    """Write a whole folder at once: `write(tmp)` fills a temporary folder beside `final`, which then gets the usual
-    permissions (temporary folders and files are created private) and takes `final`'s place by a rename. A reader,
-    or a rerun after a crash, sees the finished folder or none (a stage's model/ with done.json, a checkpoint)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def write_cost(run_dir: Path, seconds: float, device, resumed: bool = False) -> dict:

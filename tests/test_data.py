@@ -13,7 +13,11 @@ from minicai import MinicaiError
 from minicai.data import (
     DEFAULT_PROMPTS,
     append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
     parse_hh_transcript,
+    publish_dir,
     read_donotanswer_wheel,
     read_jsonl,
     read_prompts,
@@ -112,6 +116,79 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
         write_jsonl(out, records())
     assert read_jsonl(out) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_atomic_write_is_whole_or_nothing_with_ordinary_modes(tmp_path, monkeypatch):
+    """atomic_write: the writer fills a private temporary file; the target gets 0o644 and appears by a rename, and a
+    writer that fails half way leaves the old file as it was and no temporary file. Text and JSON are fsynced."""
+    import os
+
+    target = tmp_path / "sub" / "w.bin"
+    old_umask = os.umask(0o077)  # private by default: the outputs still get the ordinary mode
+    try:
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"old"))
+        assert target.read_bytes() == b"old" and mode(target) == "0o644"
+
+        def half_then_crash(tmp: Path) -> None:
+            tmp.write_bytes(b"ne")
+            raise RuntimeError("crash in the middle of writing")
+
+        with pytest.raises(RuntimeError):
+            atomic_write(target, half_then_crash)
+        assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["w.bin"]
+        synced = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+        assert synced == []  # bytes written through a callback (weights, plots): no fsync, as before
+        atomic_write_json(tmp_path / "x.json", {"a": Path("p")})
+        atomic_write_text(tmp_path / "x.txt", "t\n")
+        assert len(synced) == 2
+        assert (tmp_path / "x.json").read_text() == '{\n  "a": "p"\n}\n' and mode(tmp_path / "x.json") == "0o644"
+    finally:
+        os.umask(old_umask)
+
+
+def test_publish_dir_is_whole_or_nothing_with_ordinary_modes(tmp_path):
+    """publish_dir: the folder appears complete (folders 0o755, files 0o644, however private the temporary folder
+    was) or not at all; an existing folder is replaced, or with replace=False kept (an empty one is taken over)."""
+    import os
+
+    final = tmp_path / "model"
+
+    def write(tmp: Path) -> None:
+        (tmp / "inner").mkdir(mode=0o700)
+        (tmp / "inner" / "w.bin").write_bytes(b"1")
+        os.chmod(tmp / "inner" / "w.bin", 0o600)
+        (tmp / "done.json").write_text("{}")
+
+    old_umask = os.umask(0o077)
+    try:
+        assert publish_dir(final, write) == final
+    finally:
+        os.umask(old_umask)
+    assert {str(p.relative_to(final)): mode(p) for p in [final, *final.rglob("*")]} == {
+        ".": "0o755", "inner": "0o755", "inner/w.bin": "0o644", "done.json": "0o644"}
+
+    def crash(tmp: Path) -> None:
+        (tmp / "done.json").write_text("new")
+        raise RuntimeError("crash before the folder is complete")
+
+    with pytest.raises(RuntimeError):
+        publish_dir(final, crash)
+    assert (final / "done.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["model"]
+    publish_dir(final, lambda tmp: (tmp / "done.json").write_text("second"))
+    assert [p.name for p in final.iterdir()] == ["done.json"] and (final / "done.json").read_text() == "second"
+    with pytest.raises(OSError):
+        publish_dir(final, write, replace=False)
+    assert (final / "done.json").read_text() == "second" and sorted(os.listdir(tmp_path)) == ["model"]
+    (tmp_path / "empty").mkdir()
+    publish_dir(tmp_path / "empty", write, replace=False)
+    assert (tmp_path / "empty" / "inner" / "w.bin").read_bytes() == b"1"
 
 
 def test_bad_json_line_names_file_and_line(tmp_path):
