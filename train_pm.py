@@ -37,7 +37,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import append_jsonl, atomic_write_json, publish_dir, read_jsonl, read_prompts
+from minicai.data import Resumable, atomic_write_json, publish_dir, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
                             train_preference_model)
@@ -169,10 +169,6 @@ def read_json(path: Path) -> dict:
         raise MinicaiError(f"{path}:{e.lineno}: invalid JSON ({e.msg}) (fix: delete the file; it is rewritten)")
 
 
-def _read_done(path: Path) -> dict[int, dict]:
-    return {r["id"]: r for r in read_jsonl(path, tolerate_partial_last=True)} if path.is_file() else {}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Step 1: comparison pairs
 
@@ -194,11 +190,14 @@ def make_pairs(args, out: Path, policy_path: Path, device, dtype) -> list[dict]:
     record. The policy renders each prompt with its own chat template."""
     path = out / "pairs.jsonl"
     prompts = collect_prompts(args)
-    done = _read_done(path)
-    for pid, rec in done.items():
+
+    def same_prompt(n: int, rec: dict) -> None:
+        pid = rec["id"]
         if pid < len(prompts) and rec["prompt"] != prompts[pid]["prompt"]:
             raise MinicaiError(f"{path}: pair {pid} was made from another prompt than the current prompt list "
                                f"(fix: use a fresh --out, or --force to start the pairs again)")
+
+    done = Resumable(path, key=lambda rec: rec["id"], check=same_prompt)
     G = args.gen_batch_size
     batches = [prompts[s : s + G] for s in range(0, len(prompts), G)]
     todo = [(b, batch) for b, batch in enumerate(batches) if any(p["id"] not in done for p in batch)]
@@ -217,8 +216,7 @@ def make_pairs(args, out: Path, policy_path: Path, device, dtype) -> list[dict]:
                 first, second = (tok.decode(response_ids(gen, 2 * i + k, tok.stop_ids)).strip() for k in (0, 1))
                 rec = {**p, "response_a": first, "response_b": second, "seed": seed, "batch": b,
                        "finished": [bool(gen.finished[2 * i]), bool(gen.finished[2 * i + 1])]}
-                append_jsonl(path, rec)
-                done[p["id"]] = rec
+                done.add(rec)
             bar.update(len(batch))
             run.log_metrics(out, {"stage": "pairs", "batch": b, "prompts": len(batch),
                                   "tokens": int(gen.mask.sum()), "seconds": round(time.perf_counter() - t0, 2)})
@@ -252,7 +250,7 @@ def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]
     path = out / "labels.jsonl"
     principles = load_constitution(args.constitution, require="comparisons").comparisons
     cfg = feedback_config(args)
-    done = _read_done(path)
+    done = Resumable(path, key=lambda rec: rec["id"])
     todo = [p for p in pairs if p["id"] not in done]
     if todo:
         model, tok = load(args.feedback_model or args.model, device, dtype, fast=not args.no_fast)
@@ -262,8 +260,7 @@ def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]
             batch = todo[s : s + args.label_batch_size]
             records = label_pairs(model, tok, batch, principles, cfg, seed=args.seed)
             for rec in records:
-                append_jsonl(path, rec)
-                done[rec["id"]] = rec
+                done.add(rec)
             bar.update(len(batch))
             run.log_metrics(out, {"stage": "labels", "pairs": len(batch),
                                   "mean_p_a": sum(r["p_a"] for r in records) / len(records),

@@ -12,7 +12,7 @@ helpfulness data mixed into SL-CAI). This module reads them from
 
 Writes are atomic (a temporary file or folder beside the target, then os.replace: atomic_write and its text /
 JSON / bytes forms, publish_dir) so a crash never leaves a half-written output; append_jsonl writes one flushed
-line per record so a long run can resume.
+line per record, and Resumable reads them back, so a long run can resume.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 from minicai import MinicaiError
 
@@ -210,6 +210,39 @@ def append_jsonl(path, record: dict) -> None:
         crash_point(f, line)
         f.write(line)
         f.flush()
+
+
+class Resumable:
+    """The JSONL file of a long, resumable step: finished records are appended one by one (append_jsonl), and a
+    rerun reads them back and skips their work. `done` maps key(record) -> record for the records already there (a
+    partial last line left by a crash is ignored, and cut off by the next add). check(n, record), n counting records
+    from 1, may raise MinicaiError for a record that another run made (other prompts or settings).
+
+        done = Resumable(out / "pairs.jsonl", key=lambda r: r["id"])
+        for item in items:
+            if item["id"] not in done:
+                done.add(make_record(item))
+        records = [done[item["id"]] for item in items]
+    """
+
+    def __init__(self, path, key: Callable[[dict], Hashable], check: Callable[[int, dict], None] | None = None):
+        self.path, self.key = Path(path), key
+        records = read_jsonl(self.path, tolerate_partial_last=True) if self.path.exists() else []
+        for n, record in enumerate(records, 1):
+            if check is not None:
+                check(n, record)
+        self.done = {key(record): record for record in records}
+
+    def __contains__(self, k) -> bool:
+        return k in self.done
+
+    def __getitem__(self, k) -> dict:
+        return self.done[k]
+
+    def add(self, record: dict) -> None:
+        """Append one finished record to the file (flushed: it survives a crash) and remember it."""
+        append_jsonl(self.path, record)
+        self.done[self.key(record)] = record
 
 
 KILL_HOOK = "MINICAI_TEST_KILL"  # test hook (tests/test_crash.py), see crash_point

@@ -12,6 +12,7 @@ import pytest
 from minicai import MinicaiError
 from minicai.data import (
     DEFAULT_PROMPTS,
+    Resumable,
     append_jsonl,
     atomic_write,
     atomic_write_json,
@@ -226,6 +227,44 @@ def test_append_after_a_crash_drops_the_fragment(tmp_path):
     path.write_text('{"i": "no newline at all')  # a fragment on the only line
     append_jsonl(path, {"i": 5})
     assert path.read_text() == '{"i": 5}\n'
+
+
+def test_resumable_skips_finished_records_and_survives_a_crash(tmp_path):
+    """Resumable: no file -> nothing done; add() appends and remembers; a rerun finds the records by key (a later
+    record with the same key wins), ignores the fragment a crash left, and cuts it off with its first add."""
+    path = tmp_path / "steps.jsonl"
+    first = Resumable(path, key=lambda r: r["id"])
+    assert first.done == {} and 0 not in first and not path.exists()
+    first.add({"id": 0, "x": "a"})
+    first.add({"id": 1, "x": "b"})
+    assert 1 in first and first[1] == {"id": 1, "x": "b"}
+    with open(path, "a") as f:
+        f.write('{"id": 2, "x": "c", "unfinish')  # killed in the middle of the third record
+    again = Resumable(path, key=lambda r: r["id"])
+    assert again.done == {0: {"id": 0, "x": "a"}, 1: {"id": 1, "x": "b"}} and 2 not in again
+    again.add({"id": 2, "x": "c"})
+    again.add({"id": 0, "x": "redone"})
+    assert read_jsonl(path) == [{"id": 0, "x": "a"}, {"id": 1, "x": "b"}, {"id": 2, "x": "c"}, {"id": 0, "x": "redone"}]
+    assert Resumable(path, key=lambda r: r["id"])[0] == {"id": 0, "x": "redone"}
+
+
+def test_resumable_check_sees_every_record_numbered_and_can_refuse(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    for i in range(3):
+        append_jsonl(path, {"id": i, "seed": 7 if i < 2 else 8})
+    seen = []
+    Resumable(path, key=lambda r: r["id"], check=lambda n, r: seen.append((n, r["id"])))
+    assert seen == [(1, 0), (2, 1), (3, 2)]
+
+    def same_seed(n: int, r: dict) -> None:
+        if r["seed"] != 7:
+            raise MinicaiError(f"{path}: record {n} has seed {r['seed']}")
+
+    with pytest.raises(MinicaiError, match="record 3 has seed 8"):
+        Resumable(path, key=lambda r: r["id"], check=same_seed)
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(MinicaiError, match="file not found"):  # not silently "nothing done"
+        Resumable(tmp_path / "folder.jsonl", key=lambda r: r["id"])
 
 
 def test_read_jsonl_reads_gzip(tmp_path):
