@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=DPOConfig.epochs, help="passes over the training pairs" + D)
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs" + D)
+    g.add_argument("--steps", type=int, default=DPOConfig.steps, help="optimizer steps; overrides --epochs" + D)
     g.add_argument("--lr", type=float, default=DPOConfig.lr, help="peak AdamW learning rate" + D)
     g.add_argument("--warmup", type=float, default=DPOConfig.warmup,
                    help="linear warmup: a fraction of the steps if < 1, else a step count" + D)
@@ -154,11 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dpo_config(args) -> DPOConfig:
-    return DPOConfig(beta=args.beta, label_smoothing=args.label_smoothing, labels=args.labels, epochs=args.epochs,
-                     steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                     min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip=args.clip,
-                     batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
-                     eval_batch_size=args.eval_batch_size, seed=args.seed)
+    """DPOConfig from the flags (one flag per field, same name)."""
+    return run.config_from_args(DPOConfig, args)
 
 
 def precision(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, Callable[[], AbstractContextManager]]:

@@ -44,6 +44,9 @@ from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_mode
 from minicai.sampling import generate, response_ids
 
 DEFAULT_POLICY = Path("runs/sl/model")
+# The CPU-sized defaults of the --pm-* flags. The script picks its own head learning rate and length where
+# PMTrainConfig defaults to head_lr = lr and max_len = 384.
+PM = PMTrainConfig(head_lr=1e-4, max_len=256)
 
 GPU_EPILOG = """\
 suggested GPU setting (one large GPU):
@@ -119,13 +122,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--head-init", choices=("zero", "normal"), default="zero",
                    help="initial scalar head: zero (all scores 0 at the start: no preference; the first step then "
                         "moves only the head) or normal (N(0, 1/(d+1)), as lm-human-preferences) (default: zero)")
-    g.add_argument("--pm-epochs", type=int, default=1, help="passes over the training pairs (default: 1)")
-    g.add_argument("--pm-batch-size", type=int, default=4, help="pairs per step, 2 sequences each (default: 4)")
-    g.add_argument("--pm-lr", type=float, default=1e-5, help="AdamW learning rate of the trunk (default: 1e-5)")
-    g.add_argument("--pm-head-lr", type=float, default=1e-4,
+    g.add_argument("--pm-epochs", type=int, default=PM.epochs, help="passes over the training pairs (default: 1)")
+    g.add_argument("--pm-batch-size", type=int, default=PM.batch_size,
+                   help="pairs per step, 2 sequences each (default: 4)")
+    g.add_argument("--pm-lr", type=float, default=PM.lr, help="AdamW learning rate of the trunk (default: 1e-5)")
+    g.add_argument("--pm-head-lr", type=float, default=PM.head_lr,
                    help="learning rate of the scalar head (a fresh layer; default: 1e-4)")
-    g.add_argument("--pm-warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
-    g.add_argument("--pm-max-len", type=int, default=256,
+    g.add_argument("--pm-warmup", type=int, default=PM.warmup_steps, help="linear warm-up steps (default: 0)")
+    g.add_argument("--pm-max-len", type=int, default=PM.max_len,
                    help="max tokens per conversation; longer ones lose their start (default: 256)")
     g.add_argument("--eval-pairs", type=int, default=16, help="labelled pairs held out for evaluation (default: 16)")
     g.add_argument("--no-normalize", action="store_true",
@@ -300,8 +304,7 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
     train, held_out = split(labels, args.eval_pairs, args.seed)
     if not train:
         raise MinicaiError("no labelled pairs to train on (fix: label some pairs first, or raise the prompt counts)")
-    cfg = PMTrainConfig(epochs=args.pm_epochs, batch_size=args.pm_batch_size, lr=args.pm_lr, head_lr=args.pm_head_lr,
-                        warmup_steps=args.pm_warmup, max_len=args.pm_max_len, seed=args.seed)
+    cfg = run.config_from_args(PMTrainConfig, args, prefix="pm_", warmup_steps=args.pm_warmup, seed=args.seed)
     train_dtype, amp = precision.weight_dtype(dtype), precision.amp_dtype(dtype)  # fp32 weights, autocast
     if (model_dir / "done.json").is_file() and not args.force:
         print(f"train: {model_dir} is finished (done.json); reusing it. Pass --force to train again.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import errno
 import json
 import math
@@ -52,6 +53,21 @@ def add_prompt_args(group) -> None:
                             "red_team_train or donotanswer (default: data/red_team_train.jsonl)")
     group.add_argument("--helpful", default=str(DEFAULT_PROMPTS["helpful_train"]),
                        help="helpfulness prompts, same formats (default: data/helpful_train.jsonl)")
+
+
+def config_from_args(config_class, args, prefix: str = "", **overrides):
+    """A hyperparameter dataclass from parsed flags, without a hand-written mapper: each field takes
+    overrides[field] if given (a renamed or converted flag), else the flag `prefix + field` when the script has it,
+    else the field's default. The flags' own defaults are read from the same dataclass, so each value has one home.
+
+        cfg = config_from_args(PMTrainConfig, args, prefix="pm_", seed=args.seed)  # --pm-lr -> lr, ...
+    """
+    names = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
+    values = {name: getattr(args, prefix + name) for name in names if hasattr(args, prefix + name)}
+    return config_class(**{**values, **overrides})
 
 
 def resolve_device(arg: str | None) -> torch.device:
