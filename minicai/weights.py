@@ -299,7 +299,7 @@ def bigbench_hhh_file() -> Path:
     records = bigbench_hhh_records([json.loads(members[m]) for m in BIGBENCH_HHH_MEMBERS])
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return _checked_bytes(target, text.encode("utf-8"), BIGBENCH_HHH_SHA256,
-                         "the conversion (bigbench_hhh_records) changed; check it against the paper's file")
+                          "the conversion (bigbench_hhh_records) changed; check it against the paper's file")
 
 
 def obtain_hhh_file() -> Path:
