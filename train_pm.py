@@ -47,6 +47,7 @@ DEFAULT_POLICY = Path("runs/sl/model")
 # The CPU-sized defaults of the --pm-* flags. The script picks its own head learning rate and length where
 # PMTrainConfig defaults to head_lr = lr and max_len = 384.
 PM = PMTrainConfig(head_lr=1e-4, max_len=256)
+FEEDBACK = FeedbackConfig()  # the defaults of the AI-feedback flags
 
 GPU_EPILOG = """\
 suggested GPU setting (one large GPU):
@@ -87,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--constitution", default=str(DEFAULT_CONSTITUTION),
                    help="comparison principles: constitution.txt format or the paper's RLMadisonInstructions.json "
                         "(default: constitution.txt)")
-    g.add_argument("--principles", type=int, default=1,
+    g.add_argument("--principles", type=int, default=FEEDBACK.principles,
                    help="principles drawn per comparison; p(A) is averaged over them (paper: 1; default: 1)")
     g.add_argument("--format", choices=("chat", "raw"), default="chat",
                    help="chat: the question is a user turn of the feedback model's chat template, followed by the "
@@ -109,11 +110,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "few-shot): RLMadisonPrecogFewShotPrompts.json layout, or 'none' (default: the paper's file)")
     g.add_argument("--cot-fewshot-count", type=int, default=2,
                    help="how many CoT demos (the first N; the paper's file has 6, about 300 tokens each) (default: 2)")
-    g.add_argument("--cot-max-tokens", type=int, default=96, help="max tokens of reasoning (default: 96)")
-    g.add_argument("--cot-temperature", type=float, default=1.0,
+    g.add_argument("--cot-max-tokens", type=int, default=FEEDBACK.cot_max_tokens,
+                   help="max tokens of reasoning (default: 96)")
+    g.add_argument("--cot-temperature", type=float, default=FEEDBACK.cot_temperature,
                    help="sampling temperature of the reasoning (default: 1.0)")
-    g.add_argument("--clamp-low", type=float, default=0.4, help="CoT probability clamp, low end (paper: 0.4)")
-    g.add_argument("--clamp-high", type=float, default=0.6, help="CoT probability clamp, high end (paper: 0.6)")
+    g.add_argument("--clamp-low", type=float, default=FEEDBACK.clamp[0],
+                   help="CoT probability clamp, low end (paper: 0.4)")
+    g.add_argument("--clamp-high", type=float, default=FEEDBACK.clamp[1],
+                   help="CoT probability clamp, high end (paper: 0.6)")
     g.add_argument("--label-batch-size", type=int, default=4,
                    help="pairs labelled (and appended to labels.jsonl) per batch (default: 4)")
 
@@ -243,10 +247,9 @@ def feedback_config(args) -> FeedbackConfig:
     cot_examples = []
     if args.cot and args.cot_fewshot.lower() != "none" and args.cot_fewshot_count > 0:
         cot_examples = load_cot_examples(args.cot_fewshot)[: args.cot_fewshot_count]
-    return FeedbackConfig(chat=args.format == "chat", principles=args.principles, debias=not args.no_debias,
-                          cot=args.cot, cot_max_tokens=args.cot_max_tokens,
-                          cot_temperature=args.cot_temperature, clamp=(args.clamp_low, args.clamp_high),
-                          examples=examples, cot_examples=cot_examples, batch_size=max(2, 2 * args.label_batch_size))
+    return run.config_from_args(FeedbackConfig, args, chat=args.format == "chat", debias=not args.no_debias,
+                                clamp=(args.clamp_low, args.clamp_high), examples=examples, cot_examples=cot_examples,
+                                batch_size=max(2, 2 * args.label_batch_size))  # and --principles, --cot, --cot-*
 
 
 def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]:

@@ -58,13 +58,14 @@ def test_config_from_args_takes_flags_by_field_name_then_overrides_then_defaults
 
 def test_without_flags_every_script_builds_its_dataclass_defaults():
     """The argparse defaults come from the dataclasses: parsing no flags gives the dataclass defaults exactly
-    (train_pm: its own CPU-sized PM preset; train_rl: --kl-target as PPOConfig's)."""
+    (train_pm: its own CPU-sized PM preset, and FeedbackConfig with the default few-shot demos)."""
     sl, pm, dpo, rl = (load_script(name) for name in SCRIPTS)
     args = sl.parse_args([])
     assert sl.settings_from(args) == sl.CritiqueSettings()
     assert sl.sft_config_from(args) == sl.SFTConfig()
     args = pm.parse_args([])
     assert config_from_args(pm.PMTrainConfig, args, prefix="pm_", warmup_steps=args.pm_warmup, seed=args.seed) == pm.PM
+    assert dataclasses.replace(pm.feedback_config(args), examples=[]) == pm.FeedbackConfig()  # + the demo file's
     assert dpo.dpo_config(dpo.parse_args([])) == dpo.DPOConfig()
     assert rl.ppo_config(rl.parse_args([])) == rl.PPOConfig()
 
