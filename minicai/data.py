@@ -127,17 +127,17 @@ FILE_MODE, DIR_MODE = 0o644, 0o755  # outputs are ordinary files and folders (te
 
 
 def atomic_write(path, write: Callable[[Path], None], sync: bool = False) -> Path:
-    """Write one file atomically: `write(tmp)` fills a temporary file in the same folder, which gets FILE_MODE and
-    (sync: after an fsync) takes `path`'s place by a rename. Readers see the old file or the complete new one, never
+    """Write one file atomically: `write(tmp)` fills a temporary file in the same folder, which then gets FILE_MODE
+    and (sync: after an fsync) takes `path`'s place by a rename. Readers see the old file or the complete new one, never
     a half-written one; on any error the temporary file is removed. The one home of every atomic file write
     (text, JSON, safetensors, plots, copies); publish_dir does the same for a whole folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)  # after the writer, which may have made the file anew (safetensors does)
         if sync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

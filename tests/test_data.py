@@ -146,6 +146,13 @@ def test_atomic_write_is_whole_or_nothing_with_ordinary_modes(tmp_path, monkeypa
         monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
         atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
         assert synced == []  # bytes written through a callback (weights, plots): no fsync, as before
+
+        def make_anew(tmp: Path) -> None:  # a writer that replaces the file it is given (safetensors' save_file does)
+            (tmp.parent / "own.tmp").write_bytes(b"anew")
+            os.replace(tmp.parent / "own.tmp", tmp)
+
+        atomic_write(target, make_anew)
+        assert target.read_bytes() == b"anew" and mode(target) == "0o644"
         atomic_write_json(tmp_path / "x.json", {"a": Path("p")})
         atomic_write_text(tmp_path / "x.txt", "t\n")
         assert len(synced) == 2
