@@ -212,7 +212,7 @@ def run_stage(stage: str, argv: list[str], nproc: int = 1) -> None:
 
 def main(argv=None) -> dict:
     from minicai import MinicaiError
-    from minicai.run import atomic_write_json
+    from minicai.data import atomic_write_json
 
     args = parse_args(argv)
     out = Path(args.out)

@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minicai import MinicaiError, distributed, run
-from minicai.data import iter_jsonl, read_jsonl, write_jsonl
+from minicai.data import atomic_write_json, iter_jsonl, publish_dir, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
 from minicai.ppo import clip_grad_norm, policy_logprobs
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=DPOConfig.epochs, help="passes over the training pairs" + D)
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs" + D)
+    g.add_argument("--steps", type=int, default=DPOConfig.steps, help="optimizer steps; overrides --epochs" + D)
     g.add_argument("--lr", type=float, default=DPOConfig.lr, help="peak AdamW learning rate" + D)
     g.add_argument("--warmup", type=float, default=DPOConfig.warmup,
                    help="linear warmup: a fraction of the steps if < 1, else a step count" + D)
@@ -153,11 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dpo_config(args) -> DPOConfig:
-    return DPOConfig(beta=args.beta, label_smoothing=args.label_smoothing, labels=args.labels, epochs=args.epochs,
-                     steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-                     min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip=args.clip,
-                     batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len,
-                     eval_batch_size=args.eval_batch_size, seed=args.seed)
+    """DPOConfig from the flags (one flag per field, same name)."""
+    return run.config_from_args(DPOConfig, args)
 
 
 def precision(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, Callable[[], AbstractContextManager]]:
@@ -420,7 +417,7 @@ def save_checkpoint(directory: Path, policy, tok, opt, step: int) -> Path:
         run.save_model(policy, tok, tmp / "policy")
         torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "trainer_state.pt")
 
-    final = run.publish_dir(directory / f"step_{step:06d}", write)
+    final = publish_dir(directory / f"step_{step:06d}", write)
     for old in directory.glob("step_*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -542,12 +539,12 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
 
 
 def save_final(policy, tok, model_dir: Path, done: dict) -> None:
-    """model/ in HF layout with done.json, complete or absent (run.publish_dir)."""
+    """model/ in HF layout with done.json, complete or absent (data.publish_dir)."""
     def write(tmp: Path) -> None:
         run.save_model(policy, tok, tmp)
-        run.atomic_write_json(tmp / "done.json", done)
+        atomic_write_json(tmp / "done.json", done)
 
-    run.publish_dir(model_dir, write)
+    publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:
@@ -592,7 +589,7 @@ def main(argv=None) -> None:
         distributed.barrier()
         return
     save_final(policy, tok, out / "model", summary)
-    run.atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     cost = run.write_cost(out, time.perf_counter() - t0, device, resumed=run_had_checkpoint)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ is complete: nothing left to resume
     distributed.barrier()

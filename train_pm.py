@@ -32,7 +32,7 @@ from tqdm import tqdm
 from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import DEFAULT_COMPARISON_EXAMPLES, DEFAULT_CONSTITUTION, load_comparison_examples, \
     load_constitution
-from minicai.data import append_jsonl, read_json, read_jsonl, read_prompts
+from minicai.data import Resumable, atomic_write_json, publish_dir, read_json, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_COT_FILE, FeedbackConfig, label_pairs, load_cot_examples, position_bias
 from minicai.presets import suggested_command
 from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_model, normalize_scores,
@@ -40,6 +40,10 @@ from minicai.reward import (PMTrainConfig, RewardModel, evaluate_preference_mode
 from minicai.sampling import generate, response_ids
 
 DEFAULT_POLICY = Path("runs/sl/model")
+# The CPU-sized defaults of the --pm-* flags. The script picks its own head learning rate and length where
+# PMTrainConfig defaults to head_lr = lr and max_len = 384.
+PM = PMTrainConfig(head_lr=1e-4, max_len=256)
+FEEDBACK = FeedbackConfig()  # the defaults of the AI-feedback flags
 
 GPU_EPILOG = f"""\
 suggested GPU setting (one large GPU; the pm stage of `python pipeline.py --preset gpu`, minicai/presets.py):
@@ -79,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--constitution", default=str(DEFAULT_CONSTITUTION),
                    help="comparison principles: constitution.txt format or the paper's RLMadisonInstructions.json "
                         "(default: constitution.txt)")
-    g.add_argument("--principles", type=int, default=1,
+    g.add_argument("--principles", type=int, default=FEEDBACK.principles,
                    help="principles drawn per comparison; p(A) is averaged over them (paper: 1; default: 1)")
     g.add_argument("--format", choices=("chat", "raw"), default="chat",
                    help="chat: the question is a user turn of the feedback model's chat template, followed by the "
@@ -101,11 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "few-shot): RLMadisonPrecogFewShotPrompts.json layout, or 'none' (default: the paper's file)")
     g.add_argument("--cot-fewshot-count", type=int, default=2,
                    help="how many CoT demos (the first N; the paper's file has 6, about 300 tokens each) (default: 2)")
-    g.add_argument("--cot-max-tokens", type=int, default=96, help="max tokens of reasoning (default: 96)")
-    g.add_argument("--cot-temperature", type=float, default=1.0,
+    g.add_argument("--cot-max-tokens", type=int, default=FEEDBACK.cot_max_tokens,
+                   help="max tokens of reasoning (default: 96)")
+    g.add_argument("--cot-temperature", type=float, default=FEEDBACK.cot_temperature,
                    help="sampling temperature of the reasoning (default: 1.0)")
-    g.add_argument("--clamp-low", type=float, default=0.4, help="CoT probability clamp, low end (paper: 0.4)")
-    g.add_argument("--clamp-high", type=float, default=0.6, help="CoT probability clamp, high end (paper: 0.6)")
+    g.add_argument("--clamp-low", type=float, default=FEEDBACK.clamp[0],
+                   help="CoT probability clamp, low end (paper: 0.4)")
+    g.add_argument("--clamp-high", type=float, default=FEEDBACK.clamp[1],
+                   help="CoT probability clamp, high end (paper: 0.6)")
     g.add_argument("--label-batch-size", type=int, default=4,
                    help="pairs labelled (and appended to labels.jsonl) per batch (default: 4)")
 
@@ -114,13 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--head-init", choices=("zero", "normal"), default="zero",
                    help="initial scalar head: zero (all scores 0 at the start: no preference; the first step then "
                         "moves only the head) or normal (N(0, 1/(d+1)), as lm-human-preferences) (default: zero)")
-    g.add_argument("--pm-epochs", type=int, default=1, help="passes over the training pairs (default: 1)")
-    g.add_argument("--pm-batch-size", type=int, default=4, help="pairs per step, 2 sequences each (default: 4)")
-    g.add_argument("--pm-lr", type=float, default=1e-5, help="AdamW learning rate of the trunk (default: 1e-5)")
-    g.add_argument("--pm-head-lr", type=float, default=1e-4,
+    g.add_argument("--pm-epochs", type=int, default=PM.epochs, help="passes over the training pairs (default: 1)")
+    g.add_argument("--pm-batch-size", type=int, default=PM.batch_size,
+                   help="pairs per step, 2 sequences each (default: 4)")
+    g.add_argument("--pm-lr", type=float, default=PM.lr, help="AdamW learning rate of the trunk (default: 1e-5)")
+    g.add_argument("--pm-head-lr", type=float, default=PM.head_lr,
                    help="learning rate of the scalar head (a fresh layer; default: 1e-4)")
-    g.add_argument("--pm-warmup", type=int, default=0, help="linear warm-up steps (default: 0)")
-    g.add_argument("--pm-max-len", type=int, default=256,
+    g.add_argument("--pm-warmup", type=int, default=PM.warmup_steps, help="linear warm-up steps (default: 0)")
+    g.add_argument("--pm-max-len", type=int, default=PM.max_len,
                    help="max tokens per conversation; longer ones lose their start (default: 256)")
     g.add_argument("--eval-pairs", type=int, default=16, help="labelled pairs held out for evaluation (default: 16)")
     g.add_argument("--no-normalize", action="store_true",
@@ -157,8 +165,6 @@ def load(path, device, dtype, fast: bool = True):
     return model.eval(), tok
 
 
-def _read_done(path: Path) -> dict[int, dict]:
-    return {r["id"]: r for r in read_jsonl(path, tolerate_partial_last=True)} if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,11 +188,14 @@ def make_pairs(args, out: Path, policy_path: Path, device, dtype) -> list[dict]:
     record. The policy renders each prompt with its own chat template."""
     path = out / "pairs.jsonl"
     prompts = collect_prompts(args)
-    done = _read_done(path)
-    for pid, rec in done.items():
+
+    def same_prompt(n: int, rec: dict) -> None:
+        pid = rec["id"]
         if pid < len(prompts) and rec["prompt"] != prompts[pid]["prompt"]:
             raise MinicaiError(f"{path}: pair {pid} was made from another prompt than the current prompt list "
                                f"(fix: use a fresh --out, or --force to start the pairs again)")
+
+    done = Resumable(path, key=lambda rec: rec["id"], check=same_prompt)
     G = args.gen_batch_size
     batches = [prompts[s : s + G] for s in range(0, len(prompts), G)]
     todo = [(b, batch) for b, batch in enumerate(batches) if any(p["id"] not in done for p in batch)]
@@ -205,8 +214,7 @@ def make_pairs(args, out: Path, policy_path: Path, device, dtype) -> list[dict]:
                 first, second = (tok.decode(response_ids(gen, 2 * i + k, tok.stop_ids)).strip() for k in (0, 1))
                 rec = {**p, "response_a": first, "response_b": second, "seed": seed, "batch": b,
                        "finished": [bool(gen.finished[2 * i]), bool(gen.finished[2 * i + 1])]}
-                append_jsonl(path, rec)
-                done[p["id"]] = rec
+                done.add(rec)
             bar.update(len(batch))
             run.log_metrics(out, {"stage": "pairs", "batch": b, "prompts": len(batch),
                                   "tokens": int(gen.mask.sum()), "seconds": round(time.perf_counter() - t0, 2)})
@@ -229,10 +237,9 @@ def feedback_config(args) -> FeedbackConfig:
     cot_examples = []
     if args.cot and args.cot_fewshot.lower() != "none" and args.cot_fewshot_count > 0:
         cot_examples = load_cot_examples(args.cot_fewshot)[: args.cot_fewshot_count]
-    return FeedbackConfig(chat=args.format == "chat", principles=args.principles, debias=not args.no_debias,
-                          cot=args.cot, cot_max_tokens=args.cot_max_tokens,
-                          cot_temperature=args.cot_temperature, clamp=(args.clamp_low, args.clamp_high),
-                          examples=examples, cot_examples=cot_examples, batch_size=max(2, 2 * args.label_batch_size))
+    return run.config_from_args(FeedbackConfig, args, chat=args.format == "chat", debias=not args.no_debias,
+                                clamp=(args.clamp_low, args.clamp_high), examples=examples, cot_examples=cot_examples,
+                                batch_size=max(2, 2 * args.label_batch_size))  # and --principles, --cot, --cot-*
 
 
 def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]:
@@ -240,7 +247,7 @@ def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]
     path = out / "labels.jsonl"
     principles = load_constitution(args.constitution, require="comparisons").comparisons
     cfg = feedback_config(args)
-    done = _read_done(path)
+    done = Resumable(path, key=lambda rec: rec["id"])
     todo = [p for p in pairs if p["id"] not in done]
     if todo:
         model, tok = load(args.feedback_model or args.model, device, dtype, fast=not args.no_fast)
@@ -250,8 +257,7 @@ def make_labels(args, out: Path, pairs: list[dict], device, dtype) -> list[dict]
             batch = todo[s : s + args.label_batch_size]
             records = label_pairs(model, tok, batch, principles, cfg, seed=args.seed)
             for rec in records:
-                append_jsonl(path, rec)
-                done[rec["id"]] = rec
+                done.add(rec)
             bar.update(len(batch))
             run.log_metrics(out, {"stage": "labels", "pairs": len(batch),
                                   "mean_p_a": sum(r["p_a"] for r in records) / len(records),
@@ -291,8 +297,7 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
     train, held_out = split(labels, args.eval_pairs, args.seed)
     if not train:
         raise MinicaiError("no labelled pairs to train on (fix: label some pairs first, or raise the prompt counts)")
-    cfg = PMTrainConfig(epochs=args.pm_epochs, batch_size=args.pm_batch_size, lr=args.pm_lr, head_lr=args.pm_head_lr,
-                        warmup_steps=args.pm_warmup, max_len=args.pm_max_len, seed=args.seed)
+    cfg = run.config_from_args(PMTrainConfig, args, prefix="pm_", warmup_steps=args.pm_warmup, seed=args.seed)
     train_dtype, amp = precision.weight_dtype(dtype), precision.amp_dtype(dtype)  # fp32 weights, autocast
     if (model_dir / "done.json").is_file() and not args.force:
         print(f"train: {model_dir} is finished (done.json); reusing it. Pass --force to train again.")
@@ -338,13 +343,13 @@ def train_pm(args, out: Path, labels: list[dict], policy_path: Path, device, dty
 
 
 def save_pm(rm: RewardModel, tok, model_dir: Path, done: dict) -> None:
-    """model/ with the PM, its tokenizer and done.json, complete or absent (run.publish_dir)."""
+    """model/ with the PM, its tokenizer and done.json, complete or absent (data.publish_dir)."""
     def write(tmp: Path) -> None:
         rm.save_pretrained(tmp)
         tok.save(tmp)
-        run.atomic_write_json(tmp / "done.json", done)
+        atomic_write_json(tmp / "done.json", done)
 
-    run.publish_dir(model_dir, write)
+    publish_dir(model_dir, write)
 
 
 def main(argv=None) -> None:
@@ -393,7 +398,7 @@ def main(argv=None) -> None:
         timings["train"] = round(time.perf_counter() - t0 - timings["pairs"] - timings["labels"], 1)
     summary["seconds"] = {**summary.get("seconds", {}), **timings}
     if distributed.is_main():
-        run.atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / "summary.json", summary)
     print(f"summary -> {out / 'summary.json'} ({time.perf_counter() - t0:.0f}s)")
 
 

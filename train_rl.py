@@ -49,8 +49,8 @@ from minicai.ppo import (
 )
 from minicai.presets import suggested_command
 from minicai.reward import load_reward_model
-from minicai.run import add_common_args, cli_main, load_model_and_tokenizer, log_metrics, save_model, setup, \
-    start_run, write_cost
+from minicai.run import add_common_args, cli_main, config_from_args, load_model_and_tokenizer, log_metrics, \
+    save_model, setup, start_run, write_cost
 
 DEFAULTS = PPOConfig()
 
@@ -162,18 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ppo_config(args) -> PPOConfig:
-    return PPOConfig(
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        ppo_epochs=args.ppo_epochs, minibatch_size=args.minibatch_size,
-        forward_batch_size=args.forward_batch_size, policy_lr=args.policy_lr,
-        value_lr=args.value_lr, weight_decay=args.weight_decay, clip_ratio=args.clip_ratio,
-        clip_value=args.clip_value, max_grad_norm=args.max_grad_norm, gamma=args.gamma, lam=args.lam,
-        whiten_advantages=args.whiten_advantages, kl_coef=args.kl_coef,
-        kl_target=args.kl_target if args.kl_target else None, kl_horizon=args.kl_horizon,
-        kl_estimator=args.kl_estimator, truncation_penalty=args.truncation_penalty, logprob_tol=args.logprob_tol,
-        advantage=args.advantage, group_size=args.group_size, group_scale=args.group_scale, kl_in=args.kl_in,
-        loss_agg=args.loss_agg, micro_batch_size=args.micro_batch_size,
-    )
+    """PPOConfig from the flags (one flag per field, same name; --kl-target 0 means a fixed beta)."""
+    return config_from_args(PPOConfig, args, kl_target=args.kl_target or None)
 
 
 def load_prompt_set(path, tok, limit, max_tokens) -> list[tuple[str, list[int]]]:

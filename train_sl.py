@@ -25,11 +25,12 @@ from minicai import MinicaiError, distributed, precision, run
 from minicai.constitution import (DEFAULT_CONSTITUTION, DEFAULT_CRITIQUE_EXAMPLES, load_constitution,
                                   load_critique_examples)
 from minicai.critique import CritiqueSettings, format_record, run_answer_loop, run_critique_loop
-from minicai.data import read_jsonl, read_prompts
+from minicai.data import atomic_write_json, publish_dir, read_jsonl, read_prompts
 from minicai.presets import suggested_command
 from minicai.sft import SFTConfig, build_examples, helpful_pairs, revision_pairs, split_heldout, train_sft
 
 DEFAULTS = CritiqueSettings()  # the CPU-sized generation defaults
+SFT = SFTConfig()  # the CPU-sized fine-tuning defaults
 
 GPU_EPILOG = f"""\
 suggested GPU setting (one large GPU; the sl stage of `python pipeline.py --preset gpu`, minicai/presets.py):
@@ -65,13 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num-prompts", type=int, default=32, help="red-team prompts to use, from the top (default: 32)")
     g.add_argument("--num-helpful", type=int, default=None,
                    help="helpfulness prompts to answer and mix in (default: half of --num-prompts)")
-    g.add_argument("--rounds", type=int, default=2, help="critique/revision rounds per prompt (paper: 4; default: 2)")
+    g.add_argument("--rounds", type=int, default=DEFAULTS.rounds,
+                   help="critique/revision rounds per prompt (paper: 4; default: 2)")
     g.add_argument("--constitution", default=str(DEFAULT_CONSTITUTION),
                    help="constitution.txt or the paper's CritiqueRevisionInstructions.json (default: constitution.txt)")
     g.add_argument("--examples", default=str(DEFAULT_CRITIQUE_EXAMPLES),
                    help="few-shot critique/revision demonstrations: project JSONL or the paper's "
                         "CritiqueRevisionFewShotPrompts.json (default: data/critique_examples.jsonl)")
-    g.add_argument("--num-examples", type=int, default=1,
+    g.add_argument("--num-examples", type=int, default=DEFAULTS.num_examples,
                    help="few-shot demonstrations placed before each critique conversation (default: 1)")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="sets --response-tokens, --critique-tokens and --revision-tokens at once")
@@ -81,29 +83,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"max new tokens of a critique (default: {DEFAULTS.critique_tokens})")
     g.add_argument("--revision-tokens", type=int, default=None,
                    help=f"max new tokens of a revision (default: {DEFAULTS.revision_tokens})")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1; default: 1.0)")
-    g.add_argument("--top-p", type=float, default=0.9,
+    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                   help="sampling temperature (paper: 1; default: 1.0)")
+    g.add_argument("--top-p", type=float, default=DEFAULTS.top_p,
                    help="nucleus sampling cut (default: 0.9, trims the tail a small model loses itself in; "
                         "1 = plain temperature sampling)")
-    g.add_argument("--top-k", type=int, default=0, help="top-k cut, 0 = off (default: 0)")
-    g.add_argument("--gen-batch-size", type=int, default=8,
+    g.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="top-k cut, 0 = off (default: 0)")
+    g.add_argument("--gen-batch-size", type=int, default=DEFAULTS.batch_size,
                    help="prompts per generate() call; resume reproduces a run only with the same value (default: 8)")
 
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--revisions", choices=("all", "final"), default="all",
                    help="train on the revision of every round (paper) or only the final one (default: all)")
-    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training split (default: 1)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
-    g.add_argument("--warmup", type=float, default=0.1,
+    g.add_argument("--epochs", type=float, default=SFT.epochs, help="passes over the training split (default: 1)")
+    g.add_argument("--steps", type=int, default=SFT.steps, help="optimizer steps; overrides --epochs")
+    g.add_argument("--lr", type=float, default=SFT.lr, help="peak learning rate (default: 2e-5)")
+    g.add_argument("--warmup", type=float, default=SFT.warmup,
                    help="warmup: a fraction of the steps if < 1, else a step count (default: 0.1)")
-    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=SFT.schedule,
                    help="decay after warmup (default: cosine)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr (default: 0.1)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping, 0 = off (default: 1.0)")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default: 4)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--min-lr-ratio", type=float, default=SFT.min_lr_ratio,
+                   help="final lr as a fraction of --lr (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=SFT.weight_decay, help="AdamW weight decay (default: 0)")
+    g.add_argument("--clip", type=float, default=SFT.clip, help="gradient-norm clipping, 0 = off (default: 1.0)")
+    g.add_argument("--batch-size", type=int, default=SFT.batch_size, help="sequences per micro-batch (default: 4)")
+    g.add_argument("--grad-accum", type=int, default=SFT.grad_accum,
+                   help="micro-batches per optimizer step (default: 1)")
     g.add_argument("--max-len", type=int, default=192,
                    help="max tokens per example; longer ones lose the end of the response (default: 192)")
     g.add_argument("--heldout", type=float, default=0.1,
@@ -133,17 +138,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def settings_from(args) -> CritiqueSettings:
-    return CritiqueSettings(
-        rounds=args.rounds, response_tokens=args.response_tokens, critique_tokens=args.critique_tokens,
-        revision_tokens=args.revision_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        num_examples=args.num_examples, batch_size=args.gen_batch_size, seed=args.seed)
+    """CritiqueSettings from the flags (same names; --gen-batch-size is its batch_size)."""
+    return run.config_from_args(CritiqueSettings, args, batch_size=args.gen_batch_size)
 
 
 def sft_config_from(args) -> SFTConfig:
-    return SFTConfig(
-        epochs=args.epochs, steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
-        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip=args.clip, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seed=args.seed)
+    """SFTConfig from the flags (same names)."""
+    return run.config_from_args(SFTConfig, args)
 
 
 def generate_half(args, out: Path, get_model) -> None:
@@ -218,9 +219,9 @@ def train_half(args, out: Path, get_model, device, dtype) -> None:
         return
     def write(tmp: Path) -> None:
         run.save_model(model, tok, tmp)
-        run.atomic_write_json(tmp / "done.json", summary)
+        atomic_write_json(tmp / "done.json", summary)
 
-    run.publish_dir(model_dir, write)  # model/ is complete (with done.json) or absent
+    publish_dir(model_dir, write)  # model/ is complete (with done.json) or absent
     distributed.barrier()
     print(f"train: {summary['steps']} steps, last loss {summary['last_loss']:.4f}, held-out losses "
           f"{[round(x, 4) for x in summary['heldout_losses']]} -> {model_dir}")

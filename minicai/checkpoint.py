@@ -10,13 +10,12 @@ naming the file and the fix.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from minicai import MinicaiError
-from minicai.data import atomic_write_text, read_json
+from minicai.data import atomic_write, atomic_write_text, read_json
 from minicai.model import ModelConfig, Transformer
 
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -206,10 +205,7 @@ def save_model(model: Transformer, path) -> None:
     hf = config_to_hf(model.config)
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
-    tmp = path / f".model.safetensors.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # an ordinary output file, like config.json
-    os.replace(tmp, path / "model.safetensors")
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     stale_index = path / "model.safetensors.index.json"
     if stale_index.exists():
         stale_index.unlink()

@@ -45,17 +45,18 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from minicai import MinicaiError
-from minicai.data import DEFAULT_PROMPTS, append_jsonl, read_jsonl, read_prompts
+from minicai.data import DEFAULT_PROMPTS, Resumable, atomic_write_json, read_jsonl, read_prompts
 from minicai.feedback import DEFAULT_HHH_FILE, FeedbackConfig, debiased_probability, hhh_evaluate, label_pairs, \
     read_hhh
 from minicai.report import print_summary, resolve_shown, shown_path, write_report
 from minicai.reward import load_reward_model, score_conversations
-from minicai.run import add_common_args, atomic_write_json, load_model_and_tokenizer, setup
+from minicai.run import add_common_args, load_model_and_tokenizer, setup
 from minicai.sampling import generate, pad_rows, response_ids
 from minicai.stats import evasive_reason, evasiveness, kl_to_reference, mean_ci, summarise_judgments, \
     toxicity_summary, wilson_interval
@@ -131,22 +132,25 @@ def _digest(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def _read_cache(path: Path) -> list[dict]:
-    return read_jsonl(path, tolerate_partial_last=True) if path.is_file() else []
-
-
 def _batch_seed(seed: int, set_name: str, batch: int) -> int:
     return random.Random(f"{seed}:{set_name}:{batch}").randrange(2**31)
 
 
-def cached_hhh(out: Path, key: str, compute) -> dict:
-    """An HHH accuracy from out/hhh_cache.json (key: scorer fingerprint + settings), computed and stored if absent."""
-    path = out / "hhh_cache.json"
+def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict]) -> dict:
+    """{key: result} for `keys`, memoised in the JSON object `path` (hhh_cache.json, kl_cache.json; keys are digests
+    of the models' content and the settings): compute(missing keys) -> {key: result} runs once for the missing ones,
+    which are then stored (atomically). Per-prompt records are resumed from JSONL instead (data.Resumable)."""
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        cache[key] = compute()
+    missing = [k for k in keys if k not in cache]
+    if missing:
+        cache.update(compute(missing))
         atomic_write_json(path, cache)
-    return cache[key]
+    return {k: cache[k] for k in keys}
+
+
+def cached_hhh(out: Path, key: str, compute: Callable[[], dict]) -> dict:
+    """An HHH accuracy from out/hhh_cache.json (key: scorer fingerprint + settings), computed and stored if absent."""
+    return cached(out / "hhh_cache.json", [key], lambda _: {key: compute()})[key]
 
 
 # =====================================================================================================================
@@ -166,9 +170,7 @@ def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]]
                 "dtype": str(dtype).removeprefix("torch.")}
     if temperature > 0:
         settings["batch_size"] = batch_size  # sampled responses depend on the batching
-    cache = {}
-    for rec in _read_cache(path):
-        cache[(rec["model"], rec["set"], rec["index"], rec["key"])] = rec
+    cache = Resumable(path, key=lambda rec: (rec["model"], rec["set"], rec["index"], rec["key"]))
     result = {}
     for name, model_dir in models.items():
         fp = model_fingerprint(model_dir)
@@ -195,8 +197,7 @@ def collect_responses(models: dict[str, Path], prompt_sets: dict[str, list[str]]
                                "response": tok.decode(response_ids(gen, r, tok.stop_ids)).strip(),
                                "finished": bool(gen.finished[r]), "tokens": int(gen.mask[r].sum()),
                                "token_ids": gen.tokens[r][gen.mask[r].bool()].tolist(), **settings}
-                        append_jsonl(path, rec)
-                        cache[(name, s, i, rec["key"])] = rec
+                        cache.add(rec)
                     bar.update(len(rows))
             bar.close()
             del model
@@ -312,7 +313,7 @@ def judge_responses(judge_dir: Path, models: list[str], responses: dict[tuple[st
 
     path = out / "judgments.jsonl"
     fp = model_fingerprint(judge_dir)
-    cache = {r["key"]: r for r in _read_cache(path)}
+    cache = Resumable(path, key=lambda rec: rec["key"])
     questions = []  # (criterion, pair dict, meta)
     for s in sets:
         for crit, principle in JUDGE_PRINCIPLES.items():
@@ -344,8 +345,7 @@ def judge_responses(judge_dir: Path, models: list[str], responses: dict[tuple[st
                            "p_a_first": lab["p_a_first"]}
                     rec["p_a"] = float(debiased_probability(torch.tensor(rec["logprobs_ab"], dtype=torch.float64),
                                                             torch.tensor(rec["logprobs_ba"], dtype=torch.float64)))
-                    append_jsonl(path, rec)
-                    cache[rec["key"]] = rec
+                    cache.add(rec)
                 bar.update(len(chunk))
         bar.close()
         del model
@@ -579,13 +579,12 @@ def kl_section(ev: Evaluation, responses: dict) -> dict | None:
         responses = collect_responses(others, {kl_set: ev.prompt_sets[kl_set]}, ev.out, ev.device, ev.dtype,
                                       a.max_new_tokens, a.kl_temperature, 1.0, a.gen_batch_size, a.seed, ev.fast,
                                       filename="kl_responses.jsonl")
-    path = ev.out / "kl_cache.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
     ref_fp = model_fingerprint(ev.models[ref])
     keys = {m: _digest("kl", model_fingerprint(d), ref_fp, [r["key"] for r in responses[(m, kl_set)]])
             for m, d in ev.models.items() if m != ref}
-    todo = [m for m in keys if keys[m] not in cache]
-    if todo:
+
+    def kl_of(missing: list[str]) -> dict:
+        todo = [m for m in keys if keys[m] in missing]
         logps = {}
         for m in todo + [ref]:  # each model's log-probs of its own responses, then the reference's of all of them
             model, tok, _ = load_model_and_tokenizer(str(ev.models[m]), ev.device, ev.dtype, ev.fast)
@@ -593,11 +592,11 @@ def kl_section(ev: Evaluation, responses: dict) -> dict | None:
             for n in (todo if m == ref else [m]):
                 logps[(m, n)] = response_token_logprobs(model, tok, responses[(n, kl_set)], a.gen_batch_size)
             del model
-        for m in todo:
-            cache[keys[m]] = kl_to_reference(logps[(m, m)], logps[(ref, m)])
-        atomic_write_json(path, cache)
+        return {keys[m]: kl_to_reference(logps[(m, m)], logps[(ref, m)]) for m in todo}
+
+    kl = cached(ev.out / "kl_cache.json", list(keys.values()), kl_of)
     return {"reference": ref, "set": kl_set, "temperature": a.kl_temperature or a.temperature,
-            "models": {m: cache[keys[m]] for m in keys}}
+            "models": {m: kl[keys[m]] for m in keys}}
 
 
 def cost_section(ev: Evaluation) -> dict:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from minicai import MinicaiError
 from minicai.constitution import CritiqueExample, CritiquePrinciple, sample_principles
-from minicai.data import append_jsonl, read_jsonl
+from minicai.data import Resumable
 from minicai.sampling import generate, response_ids
 from minicai.seeds import seed_from_labels
 
@@ -220,15 +220,10 @@ def answer_batch(model, tokenizer, items: list[tuple[int, str]], settings: Criti
 # Resumable driver
 
 
-def load_done(path: Path, prompts: list[str], want: dict) -> dict[int, dict]:
-    """Records already in `path` (index -> record), checked against the prompts and settings of this run.
-
-    A partial last line (a crash mid-write) is ignored; it is cut off by the next append."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    done: dict[int, dict] = {}
-    for n, rec in enumerate(read_jsonl(path, tolerate_partial_last=True), 1):
+def check_record(path: Path, prompts: list[str], want: dict) -> Callable[[int, dict], None]:
+    """A Resumable check: record n of `path` must hold an index, the prompt file's prompt at that index and this
+    run's settings, else resuming would mix two runs."""
+    def check(n: int, rec: dict) -> None:
         i = rec.get("index")
         if not isinstance(i, int) or "prompt" not in rec:
             raise MinicaiError(f"{path}: record {n} has no 'index'/'prompt', so it was not written by this stage. "
@@ -241,8 +236,7 @@ def load_done(path: Path, prompts: list[str], want: dict) -> dict[int, dict]:
             diff = sorted(k for k in want if (rec.get("settings") or {}).get(k) != want[k])
             raise MinicaiError(f"{path}: record {n} was generated with other settings (differ: {', '.join(diff)}). "
                                f"Fix: rerun with the same flags, another --out, or --force to start over.")
-        done[i] = rec
-    return done
+    return check
 
 
 def run_batches(path, prompts: list[str], want: dict,
@@ -254,7 +248,7 @@ def run_batches(path, prompts: list[str], want: dict,
     are skipped; `want` (with "batch_size" and "seed") must equal the "settings" of every record already there.
     Returns all records for these prompts, ordered by index."""
     path = Path(path)
-    done = load_done(path, prompts, want)
+    done = Resumable(path, key=lambda rec: rec["index"], check=check_record(path, prompts, want))
     B = want["batch_size"]
     if B < 1:
         raise MinicaiError(f"batch size must be >= 1, got {B}. Fix: pass --gen-batch-size 1 or more.")
@@ -267,8 +261,7 @@ def run_batches(path, prompts: list[str], want: dict,
         t0 = time.perf_counter()
         records = make_records([(i, prompts[i]) for i in idx], seed_from_labels(want["seed"], desc, k))
         for rec in records:
-            append_jsonl(path, rec)
-            done[rec["index"]] = rec
+            done.add(rec)
         bar.update(len(idx))
         if on_batch is not None:
             on_batch({"phase": desc, "batch": k, "prompts": len(idx), "seconds": round(time.perf_counter() - t0, 3)})

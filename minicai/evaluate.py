@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from minicai import MinicaiError
 from minicai.compare import add_arguments, run_compare
+from minicai.data import atomic_write_json
 from minicai.feedback import hhh_evaluate, read_hhh
-from minicai.run import atomic_write_json, cli_main, load_model_and_tokenizer, setup
+from minicai.run import cli_main, load_model_and_tokenizer, setup
 
 FIGURE_4_CONTEXT = (
     "Context (paper Figure 4): pretrained language models answering the paper's 438 questions as multiple choice get "

@@ -34,7 +34,6 @@ Randomness: every random choice (prompt order, sampling, minibatch order) is dra
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -613,24 +612,24 @@ def ppo_iteration(state: PPOState, prompt_ids: list[list[int]], prompts: list[st
 
 def save_checkpoint(directory, state: PPOState, tokenizer=None, keep: int = 1) -> Path:
     """Write policy (HF layout, with the tokenizer if given), value model, optimiser states, beta and iteration
-    counter into directory/iter_NNNNNN, atomically (a temporary folder renamed into place); keeps the newest `keep`."""
+    counter into directory/iter_NNNNNN, atomically (data.publish_dir); keeps the newest `keep`."""
+    from minicai.data import publish_dir  # imported here: this function is the only part of ppo.py this change edits
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"iter_{state.iteration:06d}"
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    state.policy.save_pretrained(tmp / "policy")
-    if tokenizer is not None:
-        tokenizer.save(tmp / "policy")
-    if state.value_model is not None:
-        state.value_model.save_pretrained(tmp / "value")
-    scalers = [s.state_dict() for s in state.scalers] if state.scalers and state.scalers[0].is_enabled() else None
-    torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta, "policy_opt": state.policy_opt.state_dict(),
-                "value_opt": state.value_opt.state_dict() if state.value_opt is not None else None,
-                "scalers": scalers}, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        state.policy.save_pretrained(tmp / "policy")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "policy")
+        if state.value_model is not None:
+            state.value_model.save_pretrained(tmp / "value")
+        scalers = [s.state_dict() for s in state.scalers] if state.scalers and state.scalers[0].is_enabled() else None
+        torch.save({"iteration": state.iteration, "beta": state.kl_ctl.beta,
+                    "policy_opt": state.policy_opt.state_dict(),
+                    "value_opt": state.value_opt.state_dict() if state.value_opt is not None else None,
+                    "scalers": scalers}, tmp / "trainer_state.pt")
+
+    final = publish_dir(directory / f"iter_{state.iteration:06d}", write)
     for old in sorted(directory.glob("iter_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

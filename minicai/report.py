@@ -11,8 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from minicai.data import atomic_write_text
-from minicai.run import atomic_write_json
+from minicai.data import atomic_write, atomic_write_json, atomic_write_text
 from minicai.stats import EVASIVE_MIN_WORDS
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -428,10 +427,8 @@ def make_plots(report: dict, out: Path, rl_records: list[dict] | None = None) ->
 
     def save(fig, name):
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
-        tmp.replace(out / name)
         made.append(name)
 
     pm = (report.get("pm") or {}).get("scores")

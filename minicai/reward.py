@@ -20,8 +20,6 @@ and reward_config.json: `RewardModel.from_pretrained(dir)` or `load_reward_model
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from minicai import MinicaiError, distributed, precision
-from minicai.data import read_json
+from minicai.data import atomic_write, atomic_write_json, read_json
 from minicai.losses import bradley_terry_loss, last_token_index, preference_accuracy
 from minicai.model import Transformer, shared_prefix_length
 from minicai.run import check_finite
@@ -125,11 +123,7 @@ class RewardModel(nn.Module):
         path = Path(path)
         self.trunk.save_pretrained(path)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{HEAD_FILE}.")
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
-        os.close(fd)
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path / HEAD_FILE)
+        atomic_write(path / HEAD_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         cfg = {
             "offset": self.offset,
             "scale": self.scale,
@@ -138,8 +132,6 @@ class RewardModel(nn.Module):
             "offset_note": "score = (head - offset) / scale, already applied by RewardModel.forward/values; do not "
                            "apply it again",
         }
-        from minicai.run import atomic_write_json
-
         atomic_write_json(path / CONFIG_FILE, cfg)
 
 

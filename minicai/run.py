@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import errno
 import json
 import math
@@ -15,7 +16,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from minicai import MinicaiError
-from minicai.data import append_jsonl, atomic_write_text
+from minicai.data import append_jsonl, atomic_write_json, atomic_write_text
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "fp16": torch.float16}
 
@@ -58,6 +58,21 @@ def add_prompt_args(group) -> None:
                             "red_team_train or donotanswer (default: data/red_team_train.jsonl)")
     group.add_argument("--helpful", default=str(DEFAULT_PROMPTS["helpful_train"]),
                        help="helpfulness prompts, same formats (default: data/helpful_train.jsonl)")
+
+
+def config_from_args(config_class, args, prefix: str = "", **overrides):
+    """A hyperparameter dataclass from parsed flags, without a hand-written mapper: each field takes
+    overrides[field] if given (a renamed or converted flag), else the flag `prefix + field` when the script has it,
+    else the field's default. The flags' own defaults are read from the same dataclass, so each value has one home.
+
+        cfg = config_from_args(PMTrainConfig, args, prefix="pm_", seed=args.seed)  # --pm-lr -> lr, ...
+    """
+    names = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
+    values = {name: getattr(args, prefix + name) for name in names if hasattr(args, prefix + name)}
+    return config_class(**{**values, **overrides})
 
 
 def resolve_device(arg: str | None) -> torch.device:
@@ -298,32 +313,6 @@ def undo_start_run() -> None:
             out.rmdir()
     except OSError:
         pass
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def publish_dir(final: Path, write) -> Path:
-    """Write a whole folder at once: `write(tmp)` fills a temporary folder beside `final`, which then gets the usual
-    permissions (temporary folders and files are created private) and takes `final`'s place by a rename. A reader,
-    or a rerun after a crash, sees the finished folder or none (a stage's model/ with done.json, a checkpoint)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def write_cost(run_dir: Path, seconds: float, device, resumed: bool = False) -> dict:

@@ -19,17 +19,15 @@ turn boundaries are the same; the assistant mask comes from the character offset
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from minicai import MinicaiError
-from minicai.data import read_json
+from minicai.data import atomic_write, read_json
 
 # Files that make up a tokenizer in a Hugging Face model directory; `save` copies those that exist.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -295,16 +293,7 @@ class ChatTokenizer:
             src = self.source_dir / name
             if not src.is_file():
                 continue
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-            os.fchmod(fd, 0o644)  # mkstemp makes the file private; outputs are ordinary files
-            os.close(fd)
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, out / name)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            atomic_write(out / name, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _find_template(d: Path, tcfg: dict) -> tuple[str, str]:

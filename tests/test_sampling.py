@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minicai.fast import make_fast
-from minicai.model import Transformer, random_model, tiny_config
+from minicai.model import random_model, tiny_config
 from minicai.model import shared_prefix_length
 from minicai.sampling import filter_logits, generate, pad_rows, response_ids, sample_categorical
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from minicai import MinicaiError
+from minicai.data import atomic_write, atomic_write_text
 from minicai.oracle import reference as R
 from minicai.oracle.conventions import PROFILES, Convention, diff
 
@@ -69,19 +70,15 @@ STAGE_GROUP = {"old_logprobs": "logprobs", "kl": "kl", "token_rewards": "rewards
 
 
 def write_dump(path: str | Path, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Write NAME.safetensors and NAME.json (atomically: temporary files, then renames)."""
+    """Write NAME.safetensors and NAME.json, each atomically (data.atomic_write)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"a dump is NAME.safetensors, got {path}")
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    side = path.with_suffix(".json")
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    side_tmp.replace(side)
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def load_dump(path: str | Path) -> tuple[dict[str, Tensor], dict]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from minicai import losses as L
+from minicai.data import atomic_write_text
 from minicai.oracle import reference as R
 from minicai.oracle.conventions import PROFILES, Convention
 
@@ -325,9 +326,7 @@ def generate(out_dir: str | Path) -> list[Path]:
     paths = []
     for case in build():
         path = out / f"{case['id']}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(dumps(case))
-        tmp.replace(path)
+        atomic_write_text(path, dumps(case))
         paths.append(path)
     return paths
 
