@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table, run_side,  # noqa: E402
-                    start, summarise_iterations)
+from common import (ITERATION_ROWS, QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table,  # noqa: E402
+                    run_side, start, summarise_iterations)
 
 STEPS, BETA, LR = 2, 0.04, 3e-5  # optimiser steps per iteration, KL coefficient, learning rate
 
@@ -180,8 +180,7 @@ def main() -> None:
     print(f"\nmodel {model_dir}; torch {torch.__version__}; {args.threads} threads; {args.dtype}; {args.prompts} "
           f"prompts x {args.group_size} responses, {args.new_tokens} new tokens, 1 epoch of {STEPS} steps, k3 KL in "
           f"the loss (beta {BETA}), token-mean\n")
-    print_table(a, b, (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
-                       ("peak_rss_gib", "peak RSS (GiB)")))
+    print_table(a, b, ITERATION_ROWS)
 
 
 if __name__ == "__main__":

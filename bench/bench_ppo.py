@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from common import (QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table, run_side,  # noqa: E402
-                    start, summarise_iterations)
+from common import (ITERATION_ROWS, QUESTIONS, bench_parser, peak_rss_gib, print_result, print_table,  # noqa: E402
+                    run_side, start, summarise_iterations)
 
 BATCH, NEW_TOKENS, MINIBATCHES = 16, 64, 4
 
@@ -275,8 +275,7 @@ def main() -> None:
     print(f"floor: {terms['product_flops'] / 1e12:.2f} TFLOP of products in {floor['products_s']:.1f} s + generation "
           f"{floor['generation_s']:.1f} s = {floor['floor_s']:.1f} s; minicai's iteration / floor = "
           f"{a['total_s'] / floor['floor_s']:.2f}x\n")
-    print_table(a, b, (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
-                       ("peak_rss_gib", "peak RSS (GiB)")))
+    print_table(a, b, ITERATION_ROWS)
 
 
 if __name__ == "__main__":

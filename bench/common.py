@@ -72,6 +72,11 @@ def summarise_iterations(result: dict) -> dict:
     return {**mean, "peak_rss_gib": result["peak_rss_gib"], "timed_iterations": len(rows)}
 
 
+# The rows of an RL iteration's table (bench_ppo.py, bench_grpo.py): summarise_iterations' keys and their labels.
+ITERATION_ROWS = (("total_s", "iteration (s)"), ("rollout_s", "rollout (s)"), ("update_s", "update (s)"),
+                  ("peak_rss_gib", "peak RSS (GiB)"))
+
+
 def print_table(a: dict, b: dict, rows: tuple[tuple[str, str], ...], digits: int = 1) -> None:
     """A markdown table: one row per (key, label), minicai (`a`), TRL (`b`) and TRL / minicai."""
     print("| | minicai | TRL 1.12.0 | TRL / minicai |\n|---|---|---|---|")

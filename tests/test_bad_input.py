@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,15 +332,10 @@ def settings_for(script: str, argv: list[str]) -> dict:
 
 
 def load_script(script: str):
-    import importlib.util
-
     if script == "hhh":
         import minicai.evaluate as module
         return module
-    spec = importlib.util.spec_from_file_location(f"_script_{script}", REPO / SCRIPTS[script])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(SCRIPTS[script])
 
 
 CASES = case_table()

@@ -2,24 +2,17 @@
 outputs, finished stages are reused, a failing stage stops the run, and the whole pipeline runs end to end on a
 tiny random model (SL-CAI -> PM -> RL-CAI -> report) in seconds."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from minicai import MinicaiError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses (train_dpo.py's DPOConfig) look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 pipeline = load_script("pipeline.py")

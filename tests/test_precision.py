@@ -9,12 +9,12 @@ bf16, and PPO still learns a programmatic reward, with ratio exactly 1 and KL ex
 MINICAI_TEST_DEVICE=cuda runs the PPO and stage-script tests on a GPU instead (bench/gpu_check.sh does)."""
 
 import copy
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 import torch
 
 from minicai import ppo, precision
@@ -26,11 +26,6 @@ DEVICE = torch.device(os.environ.get("MINICAI_TEST_DEVICE", "cpu"))
 ON_CPU = DEVICE.type == "cpu"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_adamw_steps_round_away_in_bf16_storage():

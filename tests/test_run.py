@@ -2,13 +2,12 @@
 
 import argparse
 import dataclasses
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import load_script
 
 from minicai.run import config_from_args
 
@@ -16,12 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train_sl.py", "train_pm.py", "train_dpo.py", "train_rl.py")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses (train_dpo.py's DPOConfig) look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def parser_of(script) -> argparse.ArgumentParser:
