@@ -203,10 +203,11 @@ def main(argv=None) -> None:
         raise MinicaiError(f"--model {args.model}: not found. Fix: run train_sl.py first (it writes runs/sl/model), "
                            "or pass --model DIR / --model default")
     # Mixed precision (minicai/precision.py): policy, reference and value model hold float32 weights (the reference
-    # takes exactly the policy's passes: KL exactly 0 at iteration 0); a bf16/fp16 run computes under autocast.
+    # takes exactly the policy's passes: KL exactly 0 at iteration 0); a bf16/fp16 run computes under autocast, and
+    # the frozen reference stores its blocks' linear weights in that dtype (the same bits, without autocast's casts).
     policy, tok, policy_dir = load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype),
                                                        fast=not args.no_fast)
-    ref_model = copy.deepcopy(policy)
+    ref_model = precision.frozen_for_autocast(copy.deepcopy(policy), precision.amp_dtype(dtype))
     # The preference model's score is the reward. It reads responses as text, in its own chat template.
     if not Path(args.pm).is_dir():
         raise MinicaiError(f"--pm {args.pm}: not found. Fix: run train_pm.py first (it writes runs/pm/model), "

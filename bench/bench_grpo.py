@@ -49,7 +49,8 @@ def setup_minicai(model_dir: Path, args, dtype: str = "fp32"):
     batch = args.prompts * args.group_size
     tok = ChatTokenizer.from_dir(model_dir)
     policy = Transformer.from_pretrained(model_dir, fast=True)  # as train_rl.py loads it on the CPU (fast.py)
-    ref = Transformer.from_pretrained(model_dir, fast=True)
+    ref = precision.frozen_for_autocast(Transformer.from_pretrained(model_dir, fast=True),
+                                        precision.amp_dtype(run_dtype))  # as train_rl.py
     pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir, fast=True), head_init="normal", seed=0).eval()
     pm.requires_grad_(False)
     pm.trunk.to(run_dtype)

@@ -53,7 +53,8 @@ def setup_minicai(model_dir: Path, rollout_batch: int, dtype: str = "fp32"):
     tok = ChatTokenizer.from_dir(model_dir)
     weights = precision.weight_dtype(run_dtype)
     policy = Transformer.from_pretrained(model_dir, dtype=weights, fast=True)  # as the scripts load it on the CPU
-    ref = Transformer.from_pretrained(model_dir, dtype=weights, fast=True)
+    ref = precision.frozen_for_autocast(Transformer.from_pretrained(model_dir, dtype=weights, fast=True),
+                                        precision.amp_dtype(run_dtype))  # as train_rl.py
     pm = RewardModel.from_lm(Transformer.from_pretrained(model_dir, fast=True), head_init="normal", seed=0).eval()
     value, _ = make_value_model(policy, tok, pm, tok)
     pm.trunk.to(run_dtype)

@@ -9,7 +9,8 @@
   while norms, softmax, log-probs and losses stay in float32 (what torch.autocast does op by op);
 - networks that are only run, never trained, may be stored in the low dtype (the preference model when it scores).
   The PPO reference model is kept in the weight dtype instead: it then takes exactly the passes the policy takes, so
-  KL is exactly 0 at iteration 0.
+  KL is exactly 0 at iteration 0. Only its blocks' linear weights are stored in the low dtype (frozen_for_autocast):
+  autocast casts them to it at every pass anyway, so the numbers stay the same bits and the casts go away.
 
 fp32 and fp64 runs use no autocast at all. `autocast` below runs the same torch.autocast on the CPU as on CUDA, so
 the CPU (which has bf16 matrix products) tests the GPU's code path. fp16 (for GPUs without bf16) also scales the
@@ -50,6 +51,23 @@ def grad_scaler(device: torch.device | str, dtype: torch.dtype | None) -> torch.
     the factor halved. Disabled (every call a no-op, bit for bit) for any other dtype. Use: scaler.scale(loss)
     .backward(); scaler.unscale_(opt); clip; scaler.step(opt); scaler.update()."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+
+
+def frozen_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A frozen network run only under autocast(dtype), in place: the blocks' linear weights (and biases) stored in
+    the low dtype, which is what autocast casts them to before every product. Autocast keeps such casts only for one
+    autocast region and only for weights that require grad, so a frozen float32 model (the PPO reference) pays them
+    at every pass. The results are the same bits. Everything else keeps its dtype: the embedding (autocast does not
+    cast lookups), the norms (float32 math) and the LM head (it sets model.dtype, and a tied head is the embedding).
+    A float32/float64 run (dtype not bf16/fp16) leaves the model as it is."""
+    if dtype not in LOW:
+        return model
+    head = getattr(model, "lm_head", None)
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(dtype)
+    return model
 
 
 def check_trainable(model: torch.nn.Module, what: str) -> None:

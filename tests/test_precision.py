@@ -106,6 +106,31 @@ def test_reward_head_stays_float32_under_autocast():
     assert torch.equal(scores, rm.head(hidden[:, -1].float()).squeeze(-1))  # no bf16 rounding of the head
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["model.py", "fast.py"])
+def test_a_frozen_model_with_low_precision_linear_weights_gives_the_same_bits(fast):
+    """frozen_for_autocast stores the blocks' linear weights in bf16, what autocast casts them to at every pass: the
+    logits and log-probs are those of the float32 model, bit for bit (the PPO reference's KL stays exactly 0)."""
+    from minicai.fast import make_fast
+
+    model = random_model(tiny_config(tie_word_embeddings=True), seed=0)
+    model = make_fast(model) if fast else model
+    frozen = precision.frozen_for_autocast(copy.deepcopy(model), torch.bfloat16)
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad(), precision.autocast("cpu", torch.bfloat16):
+        want = ppo.policy_logprobs(model, ids, mask, 5, 0.7, prefix_ids=ids[0, :2])
+        got = ppo.policy_logprobs(frozen, ids, mask, 5, 0.7, prefix_ids=ids[0, :2])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    block = frozen.model["layers"][0]
+    assert block.self_attn.q_proj.weight.dtype == block.mlp.down_proj.weight.dtype == torch.bfloat16
+    assert frozen.dtype == block.input_layernorm.weight.dtype == torch.float32
+    assert frozen.lm_head.weight is frozen.model["embed_tokens"].weight  # still tied, float32
+    assert not any(p.requires_grad for p in frozen.parameters())
+    fp32 = precision.frozen_for_autocast(copy.deepcopy(model), torch.float32)  # no autocast: nothing changes
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PPO under bf16 autocast
 
