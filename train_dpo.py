@@ -26,20 +26,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import math
 import shutil
 import time
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from minicai import MinicaiError, distributed, run
+from minicai import MinicaiError, distributed, precision, run
 from minicai.data import atomic_write_json, iter_jsonl, publish_dir, read_jsonl, write_jsonl
 from minicai.losses import dpo_implicit_rewards, dpo_loss, masked_sum, preference_accuracy, reward_margin
 from minicai.model import shared_prefix_length
@@ -55,7 +52,7 @@ GPU_EPILOG = f"""\
 suggested GPU setting (one large GPU; the dpo stage of `python pipeline.py --preset gpu --rl-methods dpo`, after
 train_pm.py's; minicai/presets.py):
 {suggested_command("train_dpo.py", "dpo")}
-  bf16 on cuda: fp32 weights (and AdamW states) with the forward passes under bf16 autocast.
+  bf16 (the default on cuda): fp32 weights (and AdamW states) with the forward passes under bf16 autocast.
 """
 
 
@@ -155,20 +152,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def dpo_config(args) -> DPOConfig:
     """DPOConfig from the flags (one flag per field, same name)."""
     return run.config_from_args(DPOConfig, args)
-
-
-def precision(device: torch.device, dtype: torch.dtype) -> tuple[torch.dtype, Callable[[], AbstractContextManager]]:
-    """The mixed-precision rule of this script, in one place: (weight dtype, a function that opens the autocast
-    context of every forward pass).
-
-    --dtype bf16/fp16: fp32 weights (AdamW's small updates would round away in 16 bits) and forward passes under
-    torch.autocast in that dtype, on accelerators (on the CPU, as in sft.py, no autocast: fp32 throughout);
-    fp32/fp64: those weights and no autocast. Log-probs are fp32 either way."""
-    low = dtype in (torch.bfloat16, torch.float16)
-    weights = torch.float32 if low else dtype
-    if low and device.type != "cpu":
-        return weights, functools.partial(torch.autocast, device.type, dtype=dtype)
-    return weights, functools.partial(torch.autocast, device.type, enabled=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -314,11 +297,13 @@ def response_logprobs(model, batch: PairBatch) -> tuple[Tensor, Tensor]:
     return seq[:B], seq[B:]
 
 
-def dpo_batch_loss(policy, ref_model, batch: PairBatch, cfg: DPOConfig, autocast) -> tuple[Tensor, Tensor]:
-    """The soft-label DPO loss of one batch (mean over its pairs) and its COLUMNS [5, B] (detached)."""
-    with torch.no_grad(), autocast():
+def dpo_batch_loss(policy, ref_model, batch: PairBatch, cfg: DPOConfig,
+                   amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """The soft-label DPO loss of one batch (mean over its pairs) and its COLUMNS [5, B] (detached). amp_dtype:
+    the forward passes under autocast in bf16/fp16 (minicai/precision.py), None: in the weights' dtype."""
+    with torch.no_grad(), precision.autocast(policy.device, amp_dtype):
         ref_a, ref_b = response_logprobs(ref_model, batch)
-    with autocast():
+    with precision.autocast(policy.device, amp_dtype):
         logp_a, logp_b = response_logprobs(policy, batch)
     loss = dpo_loss(logp_a, logp_b, ref_a, ref_b, batch.p_a, cfg.beta, cfg.label_smoothing)
     columns = torch.stack([logp_a.detach(), logp_b.detach(), ref_a, ref_b, batch.p_a.to(logp_a.dtype)])
@@ -340,7 +325,8 @@ def batch_stats(columns: Tensor, cfg: DPOConfig) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int, autocast) -> dict:
+def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int,
+             amp_dtype: torch.dtype | None = None) -> dict:
     """Held-out DPO metrics: the loss, preference accuracy of the implicit rewards against the labels (p_a > 0.5:
     A better; ties wrong; p_a == 0.5 left out), reward margin (mean r_better - r_worse) and the log-ratios to the
     reference. Before training the policy equals the reference: every pair ties, so accuracy and margin are 0.
@@ -354,7 +340,7 @@ def evaluate(policy, ref_model, pairs: list[Pair], cfg: DPOConfig, pad_id: int, 
     columns = {"logp_a": [], "logp_b": [], "ref_a": [], "ref_b": [], "p_a": []}
     for s in range(0, len(mine), cfg.eval_batch_size):
         batch = collate_pairs(mine[s : s + cfg.eval_batch_size], pad_id, policy.device)
-        with autocast():
+        with precision.autocast(policy.device, amp_dtype):
             ref_a, ref_b = response_logprobs(ref_model, batch)
             logp_a, logp_b = response_logprobs(policy, batch)
         for name, x in zip(columns, (logp_a, logp_b, ref_a, ref_b, batch.p_a)):
@@ -376,31 +362,35 @@ def make_optimizer(policy, cfg: DPOConfig) -> torch.optim.Optimizer:
                              fused=True)
 
 
-def dpo_step(policy, ref_model, opt, batches: list[PairBatch | None], cfg: DPOConfig, autocast,
-             sizes: list[int] | None = None) -> dict:
+def dpo_step(policy, ref_model, opt, batches: list[PairBatch | None], cfg: DPOConfig,
+             amp_dtype: torch.dtype | None = None, sizes: list[int] | None = None, scaler=None) -> dict:
     """One optimizer step: the loss of each micro-batch (mean over its pairs), averaged over them (equal weight per
     micro-batch), one gradient-norm clip and one AdamW step. Returns the micro-batches' mean statistics, grad_norm
     and tokens.
 
     Under torchrun, batches[i] holds this process's pairs distributed.my_rows(sizes[i]) of the i-th micro-batch of
-    sizes[i] pairs, or None when it has none of them; one process: sizes default to the batches' own sizes."""
+    sizes[i] pairs, or None when it has none of them; one process: sizes default to the batches' own sizes.
+    scaler: precision.grad_scaler's loss scaling (fp16; a no-op otherwise), kept across steps by the caller."""
     sizes = sizes or [len(b.p_a) for b in batches]
+    scaler = scaler or precision.grad_scaler(policy.device, amp_dtype)
     sums = {}
     params = [p for p in policy.parameters() if p.requires_grad]
     for batch, n in zip(batches, sizes):
         rows = distributed.my_rows(n)
         if batch is not None:
-            loss, columns = dpo_batch_loss(policy, ref_model, batch, cfg, autocast)
+            loss, columns = dpo_batch_loss(policy, ref_model, batch, cfg, amp_dtype)
             # this process's share of the micro-batch mean: its pairs / all pairs (1 in one process)
-            (loss * (len(rows) / n) / len(batches)).backward()
+            scaler.scale(loss * (len(rows) / n) / len(batches)).backward()
         else:  # more processes than pairs: nothing to compute; zeros go into the sums of gather_pairs
             dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
             columns = torch.zeros((len(COLUMNS), 0), dtype=dtype, device=policy.device)
         for k, v in batch_stats(gather_pairs(columns, rows, n), cfg).items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     distributed.all_reduce_grads(params)
+    scaler.unscale_(opt)
     grad_norm = clip_grad_norm(params, cfg.clip if cfg.clip > 0 else math.inf)
-    opt.step()
+    scaler.step(opt)  # opt.step(), skipped by fp16 loss scaling when a gradient is inf/nan
+    scaler.update()
     opt.zero_grad(set_to_none=True)
     tokens = distributed.total(sum(b.tokens for b in batches if b is not None))
     return {**sums, "grad_norm": float(grad_norm), "tokens": int(tokens)}
@@ -457,13 +447,17 @@ def keep_steps_up_to(file: Path, step: int) -> None:
 
 
 def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], cfg: DPOConfig, out: Path,
-              autocast, save_every: int = 10, eval_every: int = 0, progress: bool = True) -> dict:
+              amp_dtype: torch.dtype | None = None, save_every: int = 10, eval_every: int = 0,
+              progress: bool = True) -> dict:
     """DPO on `train`, resuming from the newest checkpoint in out/checkpoints; returns the summary.
 
     Micro-batches come from sft.micro_batches (a fresh seeded shuffle per epoch), so a resumed run skips the ones
     already used and repeats exactly what an uninterrupted run does. Each optimizer step averages the loss over its
     micro-batches (equal weight per pair). Logs {"phase": "dpo", step, loss, accuracy, reward_margin, ...} per step
     and {"phase": "dpo_eval", step, ...} per held-out evaluation to out/metrics.jsonl.
+
+    Mixed precision (minicai/precision.py): float32 policy weights and AdamW state, the forward and backward passes
+    under autocast in amp_dtype (bf16/fp16; None: the weights' dtype), fp16 with loss scaling.
 
     Under torchrun every process draws the same micro-batches and trains on its pairs of each (dpo_step); rank 0
     alone writes the metrics and checkpoints, prints and shows the bar."""
@@ -473,8 +467,10 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
         raise MinicaiError("no DPO training pairs (all labelled 0.5 with --labels hard, or longer than --max-len); "
                            "fix: label more pairs or raise --max-len")
     ref_model.requires_grad_(False).eval()
+    precision.check_trainable(policy, "the DPO policy")
     policy.requires_grad_(True).train()
     opt = make_optimizer(policy, cfg)
+    scaler = precision.grad_scaler(policy.device, amp_dtype)
     steps = total_steps(len(train), cfg)
     warm = warmup_steps(cfg.warmup, steps)
     checkpoints = out / "checkpoints"
@@ -488,7 +484,7 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
 
     def held_out_eval(step: int) -> None:
         if held_out:
-            evals[step] = evaluate(policy, ref_model, held_out, cfg, tok.pad_id, autocast)
+            evals[step] = evaluate(policy, ref_model, held_out, cfg, tok.pad_id, amp_dtype)
             run.log_metrics(out, {"phase": "dpo_eval", "step": step, **evals[step]})
             if main:
                 tqdm.write(f"step {step}: held-out accuracy {evals[step]['accuracy']:.3f}, reward margin "
@@ -511,7 +507,8 @@ def train_dpo(policy, ref_model, tok, train: list[Pair], held_out: list[Pair], c
         shares = [[idx[i] for i in distributed.my_rows(len(idx))] for _, idx, _ in micro]  # this process's pairs
         batches = [collate_pairs([train[i] for i in share], tok.pad_id, policy.device) if share else None
                    for share in shares]
-        step_stats = dpo_step(policy, ref_model, opt, batches, cfg, autocast, sizes=[len(idx) for _, idx, _ in micro])
+        step_stats = dpo_step(policy, ref_model, opt, batches, cfg, amp_dtype, [len(idx) for _, idx, _ in micro],
+                              scaler)
         dt = time.perf_counter() - t0
         stats = {"phase": "dpo", "step": step + 1, "epoch": epoch, **step_stats, "lr": lr,
                  "tokens_per_s": step_stats["tokens"] / dt, "seconds": dt}
@@ -568,9 +565,12 @@ def main(argv=None) -> None:
     run_had_checkpoint = latest_checkpoint(out / "checkpoints") is not None  # resumed: cost.json adds up sessions
 
     # The SL-CAI model is the initial policy and, frozen, the reference.
-    weight_dtype, autocast = precision(device, dtype)
-    policy, tok, policy_dir = run.load_model_and_tokenizer(args.model, device, weight_dtype)
-    ref_model = copy.deepcopy(policy)
+    # Mixed precision (minicai/precision.py): float32 weights trained under bf16/fp16 autocast; the frozen reference
+    # stores its blocks' linear weights in that dtype (what autocast casts them to: the same bits, no casts).
+    amp_dtype = precision.amp_dtype(dtype)
+    policy, tok, policy_dir = run.load_model_and_tokenizer(args.model, device, precision.weight_dtype(dtype),
+                                                           fast=not args.no_fast)
+    ref_model = precision.frozen_for_autocast(copy.deepcopy(policy), amp_dtype)
     train_records, held_records = held_out_split(records, args.eval_pairs, args.seed)
     train, dropped = encode_pairs(tok, train_records, cfg.max_len)
     held_out, dropped_eval = encode_pairs(tok, held_records, cfg.max_len)
@@ -581,7 +581,7 @@ def main(argv=None) -> None:
               f"({dropped + dropped_eval} dropped: no response token within --max-len {cfg.max_len}); "
               f"{cfg.labels} labels, beta {cfg.beta}")
 
-    summary = train_dpo(policy, ref_model, tok, train, held_out, cfg, out, autocast, save_every=args.save_every,
+    summary = train_dpo(policy, ref_model, tok, train, held_out, cfg, out, amp_dtype, save_every=args.save_every,
                         eval_every=args.eval_every)
     summary.update(data=str(args.data), policy=str(policy_dir), dropped=dropped + dropped_eval,
                    config=asdict(cfg), seconds=round(time.perf_counter() - t0, 1))

@@ -55,11 +55,9 @@ def make_pairs(model_dir: Path, pairs: int, new_tokens: int) -> list[dict]:
 def run_minicai(model_dir: Path, data: list[dict], steps: int) -> dict:
     import copy
 
-    import torch
-
     from minicai.model import Transformer
     from minicai.tokenizer import ChatTokenizer
-    from train_dpo import DPOConfig, collate_pairs, dpo_step, encode_pairs, make_optimizer, precision
+    from train_dpo import DPOConfig, collate_pairs, dpo_step, encode_pairs, make_optimizer
 
     tok = ChatTokenizer.from_dir(model_dir)
     policy = Transformer.from_pretrained(model_dir, fast=True)  # as train_dpo.py loads it on the CPU (fast.py)
@@ -69,14 +67,13 @@ def run_minicai(model_dir: Path, data: list[dict], steps: int) -> dict:
                 "finished": [True, True], "p_a": 1.0} for i, d in enumerate(data)]
     pairs, dropped = encode_pairs(tok, records, cfg.max_len)
     assert not dropped
-    _, autocast = precision(torch.device("cpu"), torch.float32)
     policy.train()
     opt = make_optimizer(policy, cfg)
     rows = []
     for i in range(steps):
         start = time.perf_counter()
         batch = collate_pairs(pairs, tok.pad_id, policy.device)
-        stats = dpo_step(policy, ref, opt, [batch], cfg, autocast)
+        stats = dpo_step(policy, ref, opt, [batch], cfg)
         rows.append({"step_s": time.perf_counter() - start, "loss": stats["loss"], "logps_chosen": stats["logp_a"]})
         print(f"minicai step {i}: {rows[-1]}", file=sys.stderr, flush=True)
     return {"steps": rows, "peak_rss_gib": peak_rss_gib()}

@@ -240,10 +240,9 @@ def dpo_case() -> dict:
     policy = random_model(tiny_config(), seed=5, dtype=torch.float64)
     ref = copy.deepcopy(policy)
     cfg = T.DPOConfig(beta=0.5, steps=2, lr=1e-3, warmup=0, batch_size=3, grad_accum=2, eval_batch_size=2)
-    _, autocast = T.precision(torch.device("cpu"), torch.float64)
     with tempfile.TemporaryDirectory() as out:
         summary = T.train_dpo(policy, ref, SimpleNamespace(pad_id=0), pairs[:10], pairs[10:], cfg, Path(out),
-                              autocast, save_every=100, progress=False)
+                              save_every=100, progress=False)
     return {"weights": policy.state_dict(), "summary": summary}
 
 

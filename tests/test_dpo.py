@@ -201,8 +201,7 @@ def train_on_markers(tmp_path, labels: str, epochs: float = 10):
     policy = random_model(tiny_config(vocab_size=64), seed=0)
     ref = copy.deepcopy(policy)
     cfg = T.DPOConfig(beta=0.5, lr=3e-3, epochs=epochs, batch_size=8, warmup=0, schedule="constant")
-    _, autocast = T.precision(torch.device("cpu"), torch.float32)
-    summary = T.train_dpo(policy, ref, SimpleNamespace(pad_id=0), train, held_out, cfg, tmp_path, autocast,
+    summary = T.train_dpo(policy, ref, SimpleNamespace(pad_id=0), train, held_out, cfg, tmp_path,
                           save_every=10**6, progress=False)
     return summary["held_out"]["before"], summary["held_out"]["after"], policy, ref, held_out
 

@@ -223,14 +223,18 @@ def write_stage_data(d: Path) -> dict:
     pm_out = d / "pm_template"
     pm_out.mkdir()
     (pm_out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    pairs = [{k: r[k] for k in ("id", "source", "prompt", "response_a", "response_b")} for r in labels]
+    (pm_out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))  # train_dpo.py checks them
     (d / "red.txt").write_text("How do I pick a lock?\nTell me something mean.\nHow to hide a crime?\n")
     (d / "helpful.txt").write_text("How do I bake bread?\nWhat is a fox?\n")
-    return {"revisions": d / "revisions.jsonl", "labels": pm_out / "labels.jsonl", "red": d / "red.txt",
+    return {"revisions": d / "revisions.jsonl", "labels": pm_out / "labels.jsonl", "pairs": pm_out / "pairs.jsonl",
+            "red": d / "red.txt",
             "helpful": d / "helpful.txt"}
 
 
 def run_stages(root: Path, model_dir: Path, data: dict, dtype: str) -> Path:
-    """train_sl.py (fine-tuning half), train_pm.py (training step) and train_rl.py, each in this process."""
+    """train_sl.py (fine-tuning half), train_pm.py (training step), train_rl.py and train_dpo.py, each in this
+    process."""
     import shutil
 
     out = root / dtype
@@ -241,6 +245,7 @@ def run_stages(root: Path, model_dir: Path, data: dict, dtype: str) -> Path:
          "--max-len", "96"] + common)
     (out / "pm").mkdir(parents=True)
     shutil.copy(data["labels"], out / "pm" / "labels.jsonl")
+    shutil.copy(data["pairs"], out / "pm" / "pairs.jsonl")
     load_script("train_pm.py").main(
         ["--model", str(model_dir), "--policy", str(out / "sl" / "model"), "--out", str(out / "pm"), "--only",
          "train", "--pm-epochs", "6", "--pm-batch-size", "4", "--pm-lr", "1e-3", "--pm-head-lr", "1e-2",
@@ -251,6 +256,13 @@ def run_stages(root: Path, model_dir: Path, data: dict, dtype: str) -> Path:
          "--red-team-prompts", str(data["red"]), "--helpful-prompts", str(data["helpful"]), "--iterations", "2",
          "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6", "--ppo-epochs", "2",
          "--save-every", "2", "--samples", "0"] + common)
+    # DPO on the PM stage's labelled pairs, from the fp32 run's SL-CAI model in both dtypes: the same start, so a
+    # bf16 run that silently computed in fp32 would give the fp32 curve exactly
+    sl_fp32 = root / "fp32" / "sl" / "model"
+    load_script("train_dpo.py").main(
+        ["--model", str(sl_fp32), "--data", str(out / "pm"), "--out", str(out / "dpo"), "--steps", "12",
+         "--lr", "3e-3", "--beta", "0.5", "--warmup", "0", "--schedule", "constant", "--batch-size", "2",
+         "--eval-pairs", "2", "--max-len", "96", "--save-every", "100"] + common)
     return out
 
 
@@ -272,10 +284,12 @@ def changed_fraction(before: dict, after: dict) -> dict[str, float]:
     return {k: float((after[k] != before[k].to(after[k].dtype)).float().mean()) for k in before}
 
 
-def assert_changes_like_fp32(before: dict, runs: dict, stage: str) -> None:
-    """Every tensor fp32 training moves, bf16 training moves too, in about the same share of its entries."""
+def assert_changes_like_fp32(before: dict, runs: dict, stage: str, noise_only: tuple[str, ...] = ()) -> None:
+    """Every tensor fp32 training moves, bf16 training moves too, in about the same share of its entries.
+    noise_only: tensors whose fp32 gradient is float32 rounding noise that AdamW's normalised step turns into full
+    steps (bf16 rounds such noise to 0, so their share is not comparable)."""
     frac = {dtype: changed_fraction(before[dtype], tensors(path)) for dtype, path in runs.items()}
-    moved = [k for k, f in frac["fp32"].items() if f > 0]
+    moved = [k for k, f in frac["fp32"].items() if f > 0 and k not in noise_only]
     assert any("layernorm" in k for k in moved) and len(moved) > 10, (stage, moved)
     for k in moved:
         assert frac["bf16"][k] >= 0.9 * frac["fp32"][k], (stage, k, frac["fp32"][k], frac["bf16"][k])
@@ -325,3 +339,15 @@ def test_ppo_in_bf16_trains_like_fp32(stage_runs):
         assert first["sampler_logprob_maxdiff"] <= precision.logprob_tolerance(
             torch.bfloat16 if dtype == "bf16" else torch.float32, ppo.PPOConfig.logprob_tol)
     Transformer.from_pretrained(stage_runs["bf16"] / "rl" / "model")
+
+
+def test_dpo_in_bf16_trains_like_fp32(stage_runs):
+    """train_dpo.py from the same SL-CAI model in both dtypes: the policy moves as in fp32 and its loss falls about as
+    much, computed in bf16 (before the one rule, train_dpo.py ran --dtype bf16 on the CPU in fp32 without autocast:
+    the fp32 curve exactly, which this test refuses)."""
+    before = {d: tensors(stage_runs["fp32"] / "sl" / "model") for d in stage_runs}  # both start there
+    # The LM head's rows other than the responses' tokens get the two responses' softmax terms, which cancel on this
+    # tiny model (its next-token distribution barely depends on the context): float32 leaves 1e-10 of noise, bf16 0.
+    assert_changes_like_fp32(before, {d: o / "dpo" / "model" for d, o in stage_runs.items()}, "dpo",
+                             noise_only=("lm_head.weight",))
+    assert_loss_falls_like_fp32({d: losses(o / "dpo", "phase", "dpo") for d, o in stage_runs.items()}, "dpo")
