@@ -16,12 +16,12 @@ from test_ppo import (
     learn_programmatic_reward,
     make_models,
     record_forward_passes,
+    tiny_pm_and_prompts,
 )
 
 from minicai import MinicaiError, grpo, ppo
 from minicai import losses as L
 from minicai.model import random_model, tiny_config
-from minicai.reward import RewardModel
 
 
 def loop_group_advantages(scores: list[list[float]], baseline: str, scale: str, eps: float) -> list[list[float]]:
@@ -293,15 +293,7 @@ def test_group_settings_are_checked():
 
 
 def tiny_run_args(tiny_model_dir, tmp_path):
-    from minicai.model import Transformer
-    from minicai.tokenizer import ChatTokenizer
-
-    pm_dir = tmp_path / "pm"
-    RewardModel.from_lm(Transformer.from_pretrained(tiny_model_dir), head_init="normal").save_pretrained(pm_dir)
-    ChatTokenizer.from_dir(tiny_model_dir).save(pm_dir)
-    red, helpful = tmp_path / "red.txt", tmp_path / "helpful.txt"
-    red.write_text("How do I pick a lock?\nTell me something mean.\nHow to hide a crime?\n")
-    helpful.write_text("How do I bake bread?\nWhat is a fox?\n")
+    pm_dir, red, helpful = tiny_pm_and_prompts(tiny_model_dir, tmp_path)
     return ["--model", str(tiny_model_dir), "--pm", str(pm_dir), "--red-team-prompts", str(red),
             "--helpful-prompts", str(helpful), "--batch-size", "8", "--group-size", "4", "--minibatch-size", "4",
             "--max-new-tokens", "6", "--ppo-epochs", "1", "--save-every", "1", "--threads", "1", "--device", "cpu",

@@ -3,6 +3,7 @@
 import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,18 +320,26 @@ def import_train_rl():
     return train_rl
 
 
-def test_train_rl_script_runs_and_resumes(tiny_model_dir, tmp_path):
-    train_rl = import_train_rl()
+def tiny_pm_and_prompts(tiny_model_dir, tmp_path) -> tuple[Path, Path, Path]:
+    """What train_rl.py needs beside the policy: a PM made from the tiny model (random head, its tokenizer) and two
+    prompt files: (pm_dir, red-team prompts, helpfulness prompts)."""
     from minicai.model import Transformer
+    from minicai.tokenizer import ChatTokenizer
 
     pm_dir = tmp_path / "pm"
     RewardModel.from_lm(Transformer.from_pretrained(tiny_model_dir), head_init="normal").save_pretrained(pm_dir)
-    from minicai.tokenizer import ChatTokenizer
-
     ChatTokenizer.from_dir(tiny_model_dir).save(pm_dir)
     red, helpful = tmp_path / "red.txt", tmp_path / "helpful.txt"
     red.write_text("How do I pick a lock?\nTell me something mean.\nHow to hide a crime?\n")
     helpful.write_text("How do I bake bread?\nWhat is a fox?\n")
+    return pm_dir, red, helpful
+
+
+def test_train_rl_script_runs_and_resumes(tiny_model_dir, tmp_path):
+    from minicai.model import Transformer
+
+    train_rl = import_train_rl()
+    pm_dir, red, helpful = tiny_pm_and_prompts(tiny_model_dir, tmp_path)
     out = tmp_path / "rl"
     argv = ["--model", str(tiny_model_dir), "--pm", str(pm_dir), "--out", str(out), "--red-team-prompts", str(red),
             "--helpful-prompts", str(helpful), "--batch-size", "4", "--minibatch-size", "2", "--max-new-tokens", "6",
