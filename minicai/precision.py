@@ -1,4 +1,5 @@
-"""Mixed precision: the one rule every trained network follows (SFT, preference model, PPO policy and value model).
+"""Mixed precision: the one rule every trained network follows (SFT, preference model, PPO/GRPO policy and value
+model, DPO policy).
 
 `--dtype bf16` (the default on CUDA) or `fp16` means, as in Micikevicius et al. 2018 ("Mixed precision training"):
 
@@ -8,8 +9,8 @@
 - the forward and backward passes run under autocast in the low dtype: matrix products and attention in bf16/fp16,
   while norms, softmax, log-probs and losses stay in float32 (what torch.autocast does op by op);
 - networks that are only run, never trained, may be stored in the low dtype (the preference model when it scores).
-  The PPO reference model is kept in the weight dtype instead: it then takes exactly the passes the policy takes, so
-  KL is exactly 0 at iteration 0. Only its blocks' linear weights are stored in the low dtype (frozen_for_autocast):
+  The frozen reference (PPO, GRPO, DPO) is kept in the weight dtype instead: it then takes exactly the policy's
+  passes, so KL is exactly 0 at iteration 0. Only its blocks' linear weights are stored in the low dtype (frozen_for_autocast):
   autocast casts them to it at every pass anyway, so the numbers stay the same bits and the casts go away.
 
 fp32 and fp64 runs use no autocast at all. `autocast` below runs the same torch.autocast on the CPU as on CUDA, so
