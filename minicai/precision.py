@@ -10,8 +10,9 @@ model, DPO policy).
   while norms, softmax, log-probs and losses stay in float32 (what torch.autocast does op by op);
 - networks that are only run, never trained, may be stored in the low dtype (the preference model when it scores).
   The frozen reference (PPO, GRPO, DPO) is kept in the weight dtype instead: it then takes exactly the policy's
-  passes, so KL is exactly 0 at iteration 0. Only its blocks' linear weights are stored in the low dtype (frozen_for_autocast):
-  autocast casts them to it at every pass anyway, so the numbers stay the same bits and the casts go away.
+  passes, so KL is exactly 0 at iteration 0. Only its blocks' linear weights are stored in the low dtype
+  (frozen_for_autocast): autocast casts them to it at every pass anyway, so the numbers stay the same bits and the
+  casts go away.
 
 fp32 and fp64 runs use no autocast at all. `autocast` below runs the same torch.autocast on the CPU as on CUDA, so
 the CPU (which has bf16 matrix products) tests the GPU's code path. fp16 (for GPUs without bf16) also scales the
