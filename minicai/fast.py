@@ -40,10 +40,30 @@ def _onednn_available() -> bool:
         return False
 
 
+def cpu_has_low_precision_products(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies bf16/fp16 matrices in hardware (oneDNN's check). Without it (an AVX2-only CPU)
+    torch emulates them, about 8x slower than float32 (measured on an AMD EPYC with AVX2, BENCHMARKS.md)."""
+    try:
+        check = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
+        return _onednn_available() and bool(check())
+    except (AttributeError, RuntimeError, KeyError):
+        return False
+
+
 # Packed decoding weights (FastTransformer.decoding); MINICAI_PACKED=0 turns them off (plain products).
 PACKED_DECODING = _onednn_available() and os.environ.get("MINICAI_PACKED", "1") != "0"
 # Every other weight product through oneDNN (OneDNNLinear); MINICAI_ONEDNN_LINEAR=0 gives plain F.linear.
 ONEDNN_LINEAR = _onednn_available() and os.environ.get("MINICAI_ONEDNN_LINEAR", "1") != "0"
+# Both of them in bf16 too (bf16 weights, or float32 weights under bf16 autocast), only where the CPU has them: oneDNN's
+# bf16 products need AVX512 (BW, VL, DQ) or AVX-NE-CONVERT. Elsewhere (an AVX2-only CPU) packing or multiplying a bf16
+# weight raises, so these paths step aside and autocast runs torch's own products (the code path CUDA runs).
+ONEDNN_BF16 = cpu_has_low_precision_products(torch.bfloat16)
+
+
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's products (OneDNNLinear, packed decoding weights) take operands of this dtype here."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and ONEDNN_BF16)
 
 
 def make_fast(model: Transformer) -> Transformer:
@@ -94,12 +114,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), with the product through oneDNN on the CPU (float32/bfloat16): faster than torch's default CPU
-    product at this project's shapes (a few hundred tokens by 576-1536 features). Equal to F.linear up to float
-    rounding; the same inputs always give the same bits, with or without autograd. Elsewhere it is F.linear, and
-    so is it under autocast (the oneDNN call bypasses autocast's casts; precision.autocast)."""
+    """layer(x), with the product through oneDNN on the CPU (float32; bfloat16 where the CPU has it): faster than
+    torch's default CPU product at this project's shapes (a few hundred tokens by 576-1536 features). Equal to
+    F.linear up to float rounding; the same inputs always give the same bits, with or without autograd. Elsewhere
+    it is F.linear, and so is it under autocast (the oneDNN call bypasses autocast's casts; precision.autocast)."""
     w = layer.weight
-    if (ONEDNN_LINEAR and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+    if (ONEDNN_LINEAR and w.device.type == "cpu" and onednn_dtype(w.dtype)
             and not torch.is_autocast_enabled("cpu")):
         return _OneDNNLinear.apply(x, w, layer.bias)
     return F.linear(x, w, layer.bias)
@@ -283,7 +303,8 @@ class FastTransformer(Transformer):
 
     @contextmanager
     def decoding(self, batch: int):
-        """Inside this block, inference uses packed copies of the weights (CPU, float32/bfloat16, no grad).
+        """Inside this block, inference uses packed copies of the weights (CPU, float32/bfloat16 (ONEDNN_BF16), no
+        grad).
 
         oneDNN's kernel with weights reordered into its blocked layout (what torch.compile's CPU backend does)
         streams weights faster than torch's default CPU product at batch 1 to 16, more with q/k/v and gate/up
@@ -293,12 +314,12 @@ class FastTransformer(Transformer):
         weights cast to bf16 once, what autocast would otherwise cast (and oneDNN reorder) at every product of
         every decoding step; the products then compute what autocast's do (bf16 operands, bf16 result)."""
         amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        dtype = amp or self.dtype  # the dtype the products run in
         use = (PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-               and amp in (None, torch.bfloat16))
+               and amp in (None, torch.bfloat16) and onednn_dtype(dtype))
         if not use or torch.is_grad_enabled():
             yield self
             return
-        dtype = amp or self.dtype  # the dtype the products run in
         cast = lambda w: w.detach().to(dtype)  # noqa: E731  (the weight itself when it has that dtype)
         cat = lambda *ws: torch.cat([cast(w) for w in ws])  # noqa: E731
         try:

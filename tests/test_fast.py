@@ -22,6 +22,8 @@ from minicai.model import Transformer, random_model, tiny_config
 from minicai.run import add_common_args, load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+NEEDS_BF16 = pytest.mark.skipif(not fast.ONEDNN_BF16, reason="this CPU has no oneDNN bf16 products (needs AVX512 "
+                                                              "BW/VL/DQ or AVX-NE-CONVERT)")
 
 SPY = textwrap.dedent("""
     import ctypes, json, sys
@@ -172,7 +174,7 @@ def test_shared_prefix_with_packed_decoding_weights():
 
 @pytest.mark.skipif(not fast.PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), pytest.param(torch.bfloat16, 0.05, marks=NEEDS_BF16)])
 def test_packed_decoding_weights_give_the_reference_outputs(tmp_path, case, dtype, tol):
     """Inside FastTransformer.decoding the fused, packed weight copies give the reference's logits (prefill and
     cached steps), and leaving the block frees them."""
@@ -198,6 +200,7 @@ def test_packed_decoding_weights_give_the_reference_outputs(tmp_path, case, dtyp
 
 
 @pytest.mark.skipif(not fast.PACKED_DECODING, reason="this torch build has no oneDNN packed linear kernels")
+@NEEDS_BF16
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "llama_tied_bias"])
 def test_packed_decoding_under_bf16_autocast_packs_bf16_copies_once(tmp_path, case):
     """Mixed precision (float32 weights, bf16 autocast; precision.py): decoding packs the weights cast to bf16 once,
@@ -223,6 +226,35 @@ def test_packed_decoding_under_bf16_autocast_packs_bf16_copies_once(tmp_path, ca
     real = mask[..., None].bool()
     assert ((stepped.float() - plain).abs() * real).max().item() <= 0.05 * plain.abs().max().item()
     assert model.packed_head is None and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied"])
+def test_bf16_on_a_cpu_without_onednn_bf16_uses_plain_products(tmp_path, monkeypatch, case):
+    """On a CPU whose oneDNN has no bf16 products (AVX2 only: packing a bf16 weight raises there), bf16 weights and
+    bf16 autocast still run: decoding packs nothing, OneDNNLinear steps aside, and the fast model gives model.py's
+    outputs (generation, a bf16-stored model's forward pass, and a training step's gradients under autocast)."""
+    from minicai.sampling import generate
+
+    monkeypatch.setattr(fast, "ONEDNN_BF16", False)
+    monkeypatch.setattr(fast, "pack_weight", lambda *a: pytest.fail("a bf16 weight was packed"))
+    path = make_hf_model(tmp_path, case)
+    ref, model = Transformer.from_pretrained(path), Transformer.from_pretrained(path, fast=True)
+    prompts = [[5, 6, 7, 8, 9], [5, 6, 7, 20]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [generate(m, prompts, 6, temperature=1.0, pad_id=0, seed=3) for m in (ref, model)]
+        ids, mask = left_padded_batch()
+        losses = [m(ids, mask).float().logsumexp(-1).mul(mask).sum() for m in (ref, model)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert (runs[0].logprobs - runs[1].logprobs).abs().max().item() < 0.05
+    assert abs(losses[0].item() - losses[1].item()) <= 0.01 * abs(losses[0].item())
+    g_ref, g_fast = ref.model["layers"][0].mlp.down_proj.weight.grad, model.model["layers"][0].mlp.down_proj.weight.grad
+    assert (g_fast - g_ref).abs().max().item() <= 0.05 * g_ref.abs().max().item()
+    low_ref, low = ref.to(torch.bfloat16), model.to(torch.bfloat16)  # a model stored in bf16 (the PM when it scores)
+    with torch.no_grad():
+        a, b = low_ref(ids, mask).float(), low(ids, mask).float()
+    assert ((a - b).abs() * mask[..., None]).max().item() <= 0.05 * a.abs().max().item()
 
 
 def test_kv_cache_under_bf16_autocast_is_bf16_and_changes_no_number(monkeypatch):

@@ -1,5 +1,6 @@
 """Specification of minicai/oracle: named conventions, their reference math, golden vectors and the dump checker."""
 
+import json
 import math
 
 import pytest
@@ -112,13 +113,37 @@ from minicai.oracle import golden  # noqa: E402
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def test_golden_files_regenerate_byte_for_byte(tmp_path):
+def same_up_to_last_bits(a, b, rel: float = 1e-13) -> bool:
+    """a == b for JSON values, except that floats may differ by a few units in the last place."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_up_to_last_bits(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_up_to_last_bits(x, y, rel) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_golden_files_regenerate(tmp_path):
+    """The committed golden files are what the code writes today: the same bytes on the CPU they were made on, and
+    on any CPU the same cases, text and numbers with float64 values to 1e-13 relative (torch's vectorised float64
+    exp and log differ in the last bit between its AVX2 and AVX-512 kernels; the "exact" class allows 1e-12)."""
     golden.generate(tmp_path)
     ours = sorted(p.name for p in GOLDEN.glob("*.json"))
     theirs = sorted(p.name for p in tmp_path.glob("*.json"))
     assert ours == theirs, "run: python3 -m minicai.oracle generate tests/golden"
     for name in ours:
-        assert (GOLDEN / name).read_bytes() == (tmp_path / name).read_bytes(), name
+        committed, regenerated = (GOLDEN / name).read_bytes(), (tmp_path / name).read_bytes()
+        if committed != regenerated:
+            assert same_up_to_last_bits(json.loads(committed), json.loads(regenerated)), \
+                f"{name}: run python3 -m minicai.oracle generate tests/golden"
+
+
+def test_golden_comparison_allows_last_bits_only():
+    assert same_up_to_last_bits({"x": [0.49100330339939857, "nan"]}, {"x": [0.49100330339939846, "nan"]})
+    assert not same_up_to_last_bits({"x": [0.4910033033994]}, {"x": [0.4910033033995]})
+    assert not same_up_to_last_bits({"x": [1.0, 2.0]}, {"x": [1.0]}) and not same_up_to_last_bits({"x": 1}, {"y": 1})
+    assert not same_up_to_last_bits(0.0, 1e-300) and not same_up_to_last_bits("exact", "fp32")
 
 
 def test_golden_cases_are_small_and_name_the_bugs_they_catch():

@@ -59,6 +59,20 @@ def test_the_rule():
     precision.check_trainable(model, "a frozen model")  # frozen networks may stay in bf16
 
 
+def test_a_cpu_that_emulates_bf16_gets_a_note_and_a_gpu_or_fp32_does_not(monkeypatch):
+    """On a CPU without bf16 matrix instructions (AVX2 only) --dtype bf16 is correct but several times slower than
+    fp32: run.setup says so once, naming the fix; with the instructions, in fp32, or on a GPU it says nothing."""
+    from minicai import fast, run
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(fast, "cpu_has_low_precision_products", lambda dtype: False)
+    assert "--dtype fp32" in run.slow_dtype_note(cpu, torch.bfloat16)
+    assert "no fp16 matrix instructions" in run.slow_dtype_note(cpu, torch.float16)
+    assert run.slow_dtype_note(cpu, torch.float32) is None and run.slow_dtype_note(cuda, torch.bfloat16) is None
+    monkeypatch.setattr(fast, "cpu_has_low_precision_products", lambda dtype: True)
+    assert run.slow_dtype_note(cpu, torch.bfloat16) is None
+
+
 def test_fp16_scales_the_loss_and_other_dtypes_do_not():
     """fp16's smallest normal number is 6e-5: gradients below it flush to 0 unless the loss is scaled up first."""
     assert precision.grad_scaler("cpu", torch.float16).is_enabled()

@@ -3,7 +3,9 @@
 Each case is one JSON file: id, function, description, inputs, params, expected {variant: {output: value}},
 tolerance (a class of check.TOLERANCES), catches (the public bugs it would have caught). Floats are written with
 Python's repr, which reads back to the same float64; nan and +-inf, which JSON lacks, are the strings "nan", "inf",
-"-inf". `python3 -m minicai.oracle generate DIR` writes them; regenerating must give the same bytes.
+"-inf". `python3 -m minicai.oracle generate DIR` writes them; regenerating gives the same bytes on the same CPU, and on
+another the float64 values to a few units in the last place (torch's vectorised exp/log kernels for AVX2 and AVX-512
+round differently; the "exact" tolerance class allows 1e-12).
 
 Variants are profiles (conventions.PROFILES) for the convention-dependent stages, and mode or estimator names for the
 aggregation and group-baseline cases. A profile that does not advertise a KL name has no entry for it.
