@@ -42,7 +42,8 @@ def _onednn_available() -> bool:
 
 def cpu_has_low_precision_products(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies bf16/fp16 matrices in hardware (oneDNN's check). Without it (an AVX2-only CPU)
-    torch emulates them, about 8x slower than float32 (measured on an AMD EPYC with AVX2, BENCHMARKS.md)."""
+    torch emulates them, 5x (forward products) to 80x (input gradients) slower than float32 (measured on an AMD EPYC
+    with AVX2, BENCHMARKS.md)."""
     try:
         check = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
                  torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]

@@ -120,7 +120,7 @@ def slow_dtype_note(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or cpu_has_low_precision_products(dtype):
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    return (f"note: this CPU has no {name} matrix instructions, so torch emulates the {name} products (about 8x "
+    return (f"note: this CPU has no {name} matrix instructions, so torch emulates the {name} products (5x to 80x "
             f"slower than fp32 on an AVX2-only CPU). The run is correct and takes the GPU's code path (what bf16 tests "
             f"are for); for speed here use --dtype fp32")
 
