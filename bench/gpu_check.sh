@@ -107,6 +107,7 @@ EOF
   rm -rf "$OUT/rl"
   timeout 300 $PY -c "$PEAK_RUNNER" train_rl.py "${PPO_ARGS[@]}" 2>&1 | tr '\r' '\n' | grep -v "RL-CAI:" \
     | tee "$OUT/ppo.log"
+  [ "${PIPESTATUS[0]}" = 124 ] && record "ppo: stopped at the step's 300 s limit (iterations below: those finished)"
   $PY - "$OUT/rl/metrics.jsonl" <<'EOF' | tee -a "$OUT/ppo.log"
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
