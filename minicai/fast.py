@@ -304,8 +304,7 @@ class FastTransformer(Transformer):
 
     @contextmanager
     def decoding(self, batch: int):
-        """Inside this block, inference uses packed copies of the weights (CPU, float32/bfloat16 (ONEDNN_BF16), no
-        grad).
+        """Inside this block, inference uses packed copies of the weights (CPU, float32 or bfloat16, no grad).
 
         oneDNN's kernel with weights reordered into its blocked layout (what torch.compile's CPU backend does)
         streams weights faster than torch's default CPU product at batch 1 to 16, more with q/k/v and gate/up
@@ -317,7 +316,7 @@ class FastTransformer(Transformer):
         amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         dtype = amp or self.dtype  # the dtype the products run in
         use = (PACKED_DECODING and self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
-               and amp in (None, torch.bfloat16) and onednn_dtype(dtype))
+               and onednn_dtype(dtype))  # fp16 autocast, or bf16 on a CPU without oneDNN bf16: plain products
         if not use or torch.is_grad_enabled():
             yield self
             return
