@@ -15,8 +15,9 @@ model, DPO policy).
   casts go away.
 
 fp32 and fp64 runs use no autocast at all. `autocast` below runs the same torch.autocast on the CPU as on CUDA, so
-the CPU (which has bf16 matrix products) tests the GPU's code path. fp16 (for GPUs without bf16) also scales the
-loss (`grad_scaler`): its narrow exponent range would flush small gradients to 0; bf16 has float32's range.
+the CPU tests the GPU's code path (fast where it has bf16 matrix instructions, emulated on an AVX2-only CPU). fp16
+(for GPUs without bf16) also scales the loss (`grad_scaler`): its narrow exponent range would flush small gradients
+to 0; bf16 has float32's range.
 """
 
 from __future__ import annotations

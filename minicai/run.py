@@ -116,10 +116,11 @@ def slow_dtype_note(device: torch.device, dtype: torch.dtype) -> str | None:
     """A warning when bf16/fp16 products are emulated on this CPU (no AVX512-BF16/AMX/AVX-NE-CONVERT: an AVX2-only
     CPU), which makes a `--dtype bf16` run several times slower than fp32 there; else None."""
     from minicai.fast import cpu_has_low_precision_products
+    from minicai.precision import LOW
 
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or cpu_has_low_precision_products(dtype):
+    if device.type != "cpu" or dtype not in LOW or cpu_has_low_precision_products(dtype):
         return None
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = next(flag for flag, d in DTYPES.items() if d == dtype)  # as --dtype spells it
     return (f"note: this CPU has no {name} matrix instructions, so torch emulates the {name} products (5x to 80x "
             f"slower than fp32 on an AVX2-only CPU). The run is correct and takes the GPU's code path (what bf16 tests "
             f"are for); for speed here use --dtype fp32")
